@@ -1,0 +1,186 @@
+#include "attention_args.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace longattn {
+namespace {
+
+void check_input(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t rank) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
+  TORCH_CHECK_VALUE(t.dim() == rank, name, " must have ", rank,
+                    " dims (", rank == 4 ? "batch, seqlen, heads, head_dim" : "tokens, heads, head_dim",
+                    "), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(),
+                    " but q has ", q.scalar_type(), "; q, k and v must share one dtype");
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ",
+                    q.device(), "; all tensors must be on one device");
+  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1, name,
+                    " must have a contiguous head dim (stride 1 on the last dim), got strides ",
+                    t.strides());
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t batch,
+                      const at::Tensor& q) {
+  TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == batch + 1, name,
+                    " must be 1-D of length batch + 1 = ", batch + 1, ", got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " is on ", cu.device(),
+                    " but q is on ", q.device());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
+  const at::Tensor host = cu.device().is_cpu() ? cu : cu.cpu();
+  const int32_t* c = host.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+  for (int64_t i = 0; i < batch; ++i) {
+    TORCH_CHECK_VALUE(c[i + 1] >= c[i], name, " must be non-decreasing, but ", name, "[", i + 1,
+                      "] = ", c[i + 1], " < ", name, "[", i, "] = ", c[i]);
+  }
+  TORCH_CHECK_VALUE(c[batch] == total, name, "[-1] = ", c[batch],
+                    " must equal the number of tokens ", total);
+}
+
+int64_t max_len(const at::Tensor& cu) {
+  const at::Tensor host = cu.device().is_cpu() ? cu : cu.cpu();
+  const int32_t* c = host.data_ptr<int32_t>();
+  int64_t m = 0;
+  for (int64_t i = 0; i + 1 < cu.size(0); ++i) m = std::max<int64_t>(m, c[i + 1] - c[i]);
+  return m;
+}
+
+void check_per_head(const std::optional<at::Tensor>& t, const char* name, int64_t heads,
+                    const at::Tensor& q) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, " must be float32, got ",
+                    t->scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == heads, name,
+                    " must have shape (num_heads_q,) = (", heads, ",), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), " but q is on ",
+                    q.device());
+  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+std::vector<int64_t> lse_shape(const AttentionArgs& a) {
+  if (a.cu_seqlens_q.has_value()) return {a.q.size(1), a.q.size(0)};
+  return {a.q.size(0), a.q.size(2), a.q.size(1)};
+}
+
+void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, " must have q's shape ", q.sizes(), ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ",
+                    q.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on q's device ", q.device());
+}
+
+AttentionParams make_attention_params(const AttentionArgs& a) {
+  const at::Tensor& q = a.q;
+  const bool varlen = a.cu_seqlens_q.has_value() || a.cu_seqlens_k.has_value();
+  TORCH_CHECK_VALUE(!varlen || (a.cu_seqlens_q.has_value() && a.cu_seqlens_k.has_value()),
+                    "cu_seqlens_q and cu_seqlens_k must be given together");
+  const auto st = q.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+                    "q must be float32, float64, bfloat16 or float16, got ", st);
+  const int64_t rank = varlen ? 3 : 4;
+  check_input(q, "q", q, rank);
+  check_input(a.k, "k", q, rank);
+  check_input(a.v, "v", q, rank);
+  TORCH_CHECK_VALUE(a.k.sizes() == a.v.sizes(), "k and v must have the same shape, got k ",
+                    a.k.sizes(), " and v ", a.v.sizes());
+
+  AttentionParams p;
+  const int64_t D = q.size(-1);
+  TORCH_CHECK_VALUE(D >= 1 && D <= kMaxHeadDim, "head_dim (last dim of q) must be in [1, ",
+                    kMaxHeadDim, "], got ", D);
+  TORCH_CHECK_VALUE(a.k.size(-1) == D, "k must have q's head_dim ", D, ", got ", a.k.size(-1));
+  p.head_dim = D;
+  p.heads_q = q.size(-2);
+  p.heads_kv = a.k.size(-2);
+  TORCH_CHECK_VALUE(p.heads_kv >= 1 && p.heads_q % p.heads_kv == 0,
+                    "the number of q heads (", p.heads_q,
+                    ") must be a multiple of the number of k/v heads (", p.heads_kv, ")");
+
+  if (varlen) {
+    p.batch = a.cu_seqlens_q->numel() - 1;
+    TORCH_CHECK_VALUE(p.batch >= 0, "cu_seqlens_q must have at least one element");
+    check_cu_seqlens(*a.cu_seqlens_q, "cu_seqlens_q", q.size(0), p.batch, q);
+    check_cu_seqlens(*a.cu_seqlens_k, "cu_seqlens_k", a.k.size(0), p.batch, q);
+    const int64_t mq = max_len(*a.cu_seqlens_q), mk = max_len(*a.cu_seqlens_k);
+    TORCH_CHECK_VALUE(a.max_seqlen_q >= mq, "max_seqlen_q = ", a.max_seqlen_q,
+                      " is smaller than the longest q sequence (", mq, ")");
+    TORCH_CHECK_VALUE(a.max_seqlen_k >= mk, "max_seqlen_k = ", a.max_seqlen_k,
+                      " is smaller than the longest k sequence (", mk, ")");
+    p.seqlen_q = mq;
+    p.seqlen_k = mk;
+    p.total_q = q.size(0);
+    p.cu_seqlens_q = a.cu_seqlens_q->data_ptr<int32_t>();
+    p.cu_seqlens_k = a.cu_seqlens_k->data_ptr<int32_t>();
+    p.q_row_stride = q.stride(0);
+    p.q_head_stride = q.stride(1);
+    p.k_row_stride = a.k.stride(0);
+    p.k_head_stride = a.k.stride(1);
+    p.v_row_stride = a.v.stride(0);
+    p.v_head_stride = a.v.stride(1);
+  } else {
+    TORCH_CHECK_VALUE(a.k.size(0) == q.size(0), "k must have q's batch size ", q.size(0),
+                      ", got ", a.k.size(0));
+    p.batch = q.size(0);
+    p.seqlen_q = q.size(1);
+    p.seqlen_k = a.k.size(1);
+    p.total_q = p.batch * p.seqlen_q;
+    p.q_batch_stride = q.stride(0);
+    p.q_row_stride = q.stride(1);
+    p.q_head_stride = q.stride(2);
+    p.k_batch_stride = a.k.stride(0);
+    p.k_row_stride = a.k.stride(1);
+    p.k_head_stride = a.k.stride(2);
+    p.v_batch_stride = a.v.stride(0);
+    p.v_row_stride = a.v.stride(1);
+    p.v_head_stride = a.v.stride(2);
+  }
+  p.q = q.data_ptr();
+  p.k = a.k.data_ptr();
+  p.v = a.v.data_ptr();
+
+  check_per_head(a.alibi_slopes, "alibi_slopes", p.heads_q, q);
+  check_per_head(a.sink_logits, "sink_logits", p.heads_q, q);
+  if (a.alibi_slopes) p.alibi_slopes = a.alibi_slopes->data_ptr<float>();
+  if (a.sink_logits) p.sink_logits = a.sink_logits->data_ptr<float>();
+
+  TORCH_CHECK_VALUE(std::isfinite(a.scale) && a.scale > 0, "scale must be a positive finite number, got ",
+                    a.scale);
+  TORCH_CHECK_VALUE(std::isfinite(a.softcap) && a.softcap >= 0,
+                    "softcap must be >= 0 (0 disables it), got ", a.softcap);
+  TORCH_CHECK_VALUE(a.logn_base == 0 || (std::isfinite(a.logn_base) && a.logn_base > 1),
+                    "logn_base must be > 1 (or 0 to disable), got ", a.logn_base);
+  p.score.scale = static_cast<float>(a.scale);
+  p.score.softcap = static_cast<float>(a.softcap);
+  p.score.inv_log_logn_base = a.logn_base == 0 ? 0.f : static_cast<float>(1.0 / std::log(a.logn_base));
+  p.score.has_alibi = a.alibi_slopes.has_value();
+  p.score.has_sink_logit = a.sink_logits.has_value();
+
+  const bool left_inf = a.window_left >= kUnbounded, right_inf = a.window_right >= kUnbounded;
+  TORCH_CHECK_VALUE(a.window_left > -kUnbounded && a.window_right > -kUnbounded,
+                    "window sides must be greater than -2**62");
+  TORCH_CHECK_VALUE(left_inf || right_inf || a.window_left + a.window_right >= 0,
+                    "window (left=", a.window_left, ", right=", a.window_right,
+                    ") is empty: left + right must be >= 0");
+  TORCH_CHECK_VALUE(a.sinks >= 0, "sinks must be >= 0, got ", a.sinks);
+  TORCH_CHECK_VALUE(a.k_start >= 0, "k_start must be >= 0, got ", a.k_start);
+  constexpr int64_t kMaxPos = int64_t(1) << 48;
+  TORCH_CHECK_VALUE(a.k_start < kMaxPos && (!a.q_start || std::abs(*a.q_start) < kMaxPos),
+                    "q_start/k_start must be below 2**48 in magnitude");
+  p.mask.left = left_inf ? kUnbounded : a.window_left;
+  p.mask.right = right_inf ? kUnbounded : a.window_right;
+  p.mask.sinks = a.sinks;
+  p.mask.causal = a.causal;
+  p.mask.k_start = a.k_start;
+  p.q_start_default = !a.q_start.has_value();
+  p.mask.q_start = a.q_start.value_or(0);
+  return p;
+}
+
+}  // namespace longattn

@@ -1,0 +1,41 @@
+// Argument checking shared by every backend: turns the op's tensors and scalars into
+// AttentionParams, raising errors that name the offending argument. Backends then only fill
+// in device pointers they own (outputs) and launch.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "common/attention_params.h"
+
+namespace longattn {
+
+struct AttentionArgs {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& cu_seqlens_k;
+  const std::optional<at::Tensor>& alibi_slopes;
+  const std::optional<at::Tensor>& sink_logits;
+  double scale, softcap, logn_base;
+  bool causal;
+  int64_t window_left, window_right, sinks;
+  std::optional<int64_t> q_start;
+  int64_t k_start, max_seqlen_q, max_seqlen_k;
+};
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// Checks everything and returns params with input pointers and shapes set (out/lse null).
+// cu_seqlens pointers are those of the given tensors (host on CPU, device on CUDA); the
+// monotonicity check reads them, so on CUDA the caller passes host copies for the check.
+AttentionParams make_attention_params(const AttentionArgs& a);
+
+// Output shapes: out like q (contiguous), lse (B, Hq, Lq) or (Hq, Tq).
+std::vector<int64_t> lse_shape(const AttentionArgs& a);
+
+// Check a gradient-side tensor (dout, out) has q's shape, dtype and device.
+void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name);
+
+}  // namespace longattn

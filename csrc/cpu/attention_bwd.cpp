@@ -1,0 +1,260 @@
+// CPU attention backward (FlashAttention-2 style, key-block major).
+// Work item = (sequence, kv head, chunk of key blocks). For each key block it walks the query
+// tiles the mask lets see it (one interval, see MaskParams::query_range), for every q head of
+// its GQA group, recomputes P from the saved lse and accumulates dK, dV in registers-to-cache
+// scratch; dQ accumulates into a per-chunk buffer. Chunks are fixed by shapes, and the dQ
+// buffers are summed in chunk order, so results are deterministic without atomics.
+#include <vector>
+
+#include "cpu/attention_kernels.h"
+#include "cpu/gemm.h"
+#include "cpu/parallel.h"
+#include "cpu/tile.h"
+#include "cpu/work_items.h"
+
+namespace longattn::cpu {
+namespace {
+
+CpuTiles backward_tiles(const AttentionParams& p) {
+  CpuTiles t;
+  t.q = std::min<int64_t>(128, std::max<int64_t>(1, p.seqlen_q));
+  t.k = std::min<int64_t>(p.head_dim > 128 ? 128 : 256, std::max<int64_t>(1, p.seqlen_k));
+  return t;
+}
+
+int64_t key_blocks(int64_t k_len, const CpuTiles& t) { return ceil_div(k_len, t.k); }
+
+template <typename T>
+struct BwdScratch {
+  using A = acc_t<T>;
+  std::vector<A> s, dp, g, q, dout, k, v, dk, dv;
+  BwdScratch(const CpuTiles& t, int64_t D, bool softcap)
+      : s(t.q * t.k), dp(t.q * t.k), g(softcap ? t.q * t.k : 0), q(t.q * D), dout(t.q * D),
+        k(t.k * D), v(t.k * D), dk(t.k * D), dv(t.k * D) {}
+};
+
+// delta_i = rowsum(dO_i * O_i) - dlse_i, for every (sequence, q head, row).
+template <typename T>
+void compute_delta(const AttentionParams& p, const BackwardBuffers& g) {
+  using A = acc_t<T>;
+  const int64_t D = p.head_dim;
+  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> o(D), d(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+      const SeqInfo si = seq_info(p, b);
+      const int64_t off = out_offset(p, si, b, h), loff = lse_offset(p, si, b, h);
+      A* delta = static_cast<A*>(g.delta) + loff;
+      const A* dlse = g.dlse ? static_cast<const A*>(g.dlse) + loff : nullptr;
+      for (int64_t i = 0; i < si.q_len; ++i) {
+        const int64_t row = off + i * p.heads_q * D;
+        int64_t ld;
+        const A* oa = load_rows<T>(static_cast<const T*>(p.out) + row, D, 1, D, o.data(), &ld);
+        const A* da = load_rows<T>(static_cast<const T*>(g.dout) + row, D, 1, D, d.data(), &ld);
+        A acc = 0;
+        for (int64_t c = 0; c < D; ++c) acc += oa[c] * da[c];
+        delta[i] = acc - (dlse ? dlse[i] : A(0));
+      }
+    }
+  });
+}
+
+// d sink_h = -sum_i P_sink_i * delta_i, summed in a fixed order per head.
+template <typename T>
+void compute_dsink(const AttentionParams& p, const BackwardBuffers& g) {
+  using A = acc_t<T>;
+  at::parallel_for(0, p.heads_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      const A z = p.sink_logits[h];
+      A acc = 0;
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const SeqInfo si = seq_info(p, b);
+        const int64_t loff = lse_offset(p, si, b, h);
+        const A* lse = static_cast<const A*>(p.lse) + loff;
+        const A* delta = static_cast<const A*>(g.delta) + loff;
+        for (int64_t i = 0; i < si.q_len; ++i) {
+          if (lse[i] == neg_inf<A>()) continue;
+          acc -= std::exp(z - lse[i]) * delta[i];
+        }
+      }
+      g.dsink[h] = static_cast<float>(acc);
+    }
+  });
+}
+
+std::vector<WorkItem> key_chunk_items(const AttentionParams& p, const CpuTiles& t, int64_t chunks) {
+  std::vector<WorkItem> items;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqInfo si = seq_info(p, b);
+    const int64_t nkb = key_blocks(si.k_len, t);
+    if (si.q_len == 0 || nkb == 0) continue;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t kb0 = nkb * c / chunks, kb1 = nkb * (c + 1) / chunks;
+      int64_t cost = 0;
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t j0 = kb * t.k, j1 = std::min(j0 + t.k, si.k_len);
+        cost += 1 + si.mask.query_range(j0, j1, si.q_len).size();
+      }
+      if (kb1 == kb0) continue;
+      for (int64_t h = 0; h < p.heads_kv; ++h) items.push_back({b, h, c, cost});
+    }
+  }
+  sort_by_cost(items);
+  return items;
+}
+
+template <typename T>
+void backward_item(const AttentionParams& p, const BackwardBuffers& g, const CpuTiles& tiles,
+                   int64_t chunks, const WorkItem& it, BwdScratch<T>& w) {
+  using A = acc_t<T>;
+  const int64_t D = p.head_dim, Hq = p.heads_q, group = p.group();
+  const SeqInfo si = seq_info(p, it.b);
+  const MaskParams& mask = si.mask;
+  const ScoreParams& sp = p.score;
+  const int64_t hk = it.h;
+  const int64_t nkb = key_blocks(si.k_len, tiles);
+  const int64_t kb0 = nkb * it.tile / chunks, kb1 = nkb * (it.tile + 1) / chunks;
+  const int64_t ldS = tiles.k;
+  const int64_t ldo = Hq * D;  // dout, out and dq rows
+  A* dq_base = g.dq_accum ? static_cast<A*>(g.dq_accum) + it.tile * (p.total_q * Hq * D)
+                          : static_cast<A*>(g.dq);
+  A* S = w.s.data();
+  A* dP = w.dp.data();
+  A* G = sp.softcap > 0.f ? w.g.data() : nullptr;
+  A* dK = w.dk.data();
+  A* dV = w.dv.data();
+
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t j0 = kb * tiles.k, nk = std::min(tiles.k, si.k_len - j0);
+    const int64_t s0 = mask.k_start + j0;
+    int64_t ldk, ldv;
+    const A* K = load_rows<T>(static_cast<const T*>(p.k) + k_offset(p, si, it.b, hk) + j0 * p.k_row_stride,
+                              p.k_row_stride, nk, D, w.k.data(), &ldk);
+    const A* V = load_rows<T>(static_cast<const T*>(p.v) + v_offset(p, si, it.b, hk) + j0 * p.v_row_stride,
+                              p.v_row_stride, nk, D, w.v.data(), &ldv);
+    std::fill(dK, dK + nk * D, A(0));
+    std::fill(dV, dV + nk * D, A(0));
+    const Range rows = mask.query_range(j0, j0 + nk, si.q_len);
+
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const float slope = sp.has_alibi ? p.alibi_slopes[h] : 0.f;
+      const A* lse = static_cast<const A*>(p.lse) + lse_offset(p, si, it.b, h);
+      const A* delta = static_cast<const A*>(g.delta) + lse_offset(p, si, it.b, h);
+      const int64_t qoff = q_offset(p, si, it.b, h), ooff = out_offset(p, si, it.b, h);
+      for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += tiles.q) {
+        const int64_t nq = std::min(tiles.q, rows.hi - i0);
+        const int64_t p0 = mask.q_start + i0;
+        const TileKind kind = mask.classify(p0, p0 + nq - 1, s0, s0 + nk - 1);
+        if (kind == TileKind::kEmpty) continue;
+        int64_t ldq, lddo;
+        const A* Q = load_rows<T>(static_cast<const T*>(p.q) + qoff + i0 * p.q_row_stride,
+                                  p.q_row_stride, nq, D, w.q.data(), &ldq);
+        const A* dO = load_rows<T>(static_cast<const T*>(g.dout) + ooff + i0 * ldo, ldo, nq, D,
+                                   w.dout.data(), &lddo);
+
+        // P = exp(logits - lse), recomputed tile by tile.
+        gemm_nt<A>(nq, nk, D, Q, ldq, K, ldk, A(0), S, ldS);
+        for (int64_t r = 0; r < nq; ++r) {
+          A* x = S + r * ldS;
+          const int64_t pos = p0 + r;
+          const A l = lse[i0 + r];
+          if (l == neg_inf<A>()) {  // fully masked row: no gradient
+            std::fill(x, x + nk, A(0));
+            continue;
+          }
+          const RowCtx rc{pos, s0, sp.scale * logn_factor(pos, sp.inv_log_logn_base), slope};
+          A mul = static_cast<A>(rc.row_scale);
+          if (!sp.plain()) {
+            transform_row<A>(x, nk, rc, sp, G ? G + r * ldS : nullptr);
+            mul = A(1);
+          }
+          if (kind == TileKind::kPartial) mask_row<A>(x, nk, mask, pos, s0);
+          exp_sum<A>(x, nk, mul, l);
+        }
+        // dP = dO V^T; dV += P^T dO.
+        gemm_nt<A>(nq, nk, D, dO, lddo, V, ldv, A(0), dP, ldS);
+        gemm_tn<A>(nk, D, nq, S, ldS, dO, lddo, A(1), dV, D);
+        // dS = P (dP - delta), chained through softcap and the row scale back to q.k.
+        for (int64_t r = 0; r < nq; ++r) {
+          const A* pr = S + r * ldS;
+          A* ds = dP + r * ldS;
+          const A dr = lse[i0 + r] == neg_inf<A>() ? A(0) : delta[i0 + r];
+          const A rs = static_cast<A>(sp.scale * logn_factor(p0 + r, sp.inv_log_logn_base));
+          if (G) {
+            const A* gr = G + r * ldS;
+            for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - dr) * gr[j] * rs;
+          } else {
+            for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - dr) * rs;
+          }
+        }
+        gemm_tn<A>(nk, D, nq, dP, ldS, Q, ldq, A(1), dK, D);
+        gemm_nn<A>(nq, D, nk, dP, ldS, K, ldk, A(1), dq_base + ooff + i0 * ldo, ldo);
+      }
+    }
+
+    const int64_t kv_row = p.heads_kv * D;
+    const int64_t kv_off = (p.varlen() ? si.k_token0 : it.b * p.seqlen_k) * kv_row + hk * D;
+    for (int64_t r = 0; r < nk; ++r) {
+      store_row<T>(dK + r * D, static_cast<T*>(g.dk) + kv_off + (j0 + r) * kv_row, D);
+      store_row<T>(dV + r * D, static_cast<T*>(g.dv) + kv_off + (j0 + r) * kv_row, D);
+    }
+  }
+}
+
+// dq = sum over chunks of the accumulators, in chunk order.
+template <typename T>
+void reduce_dq(const AttentionParams& p, const BackwardBuffers& g) {
+  using A = acc_t<T>;
+  if (g.dq_accum == nullptr) return;
+  const int64_t n = p.total_q * p.heads_q * p.head_dim;
+  const A* acc = static_cast<const A*>(g.dq_accum);
+  T* dq = static_cast<T*>(g.dq);
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    std::vector<A> tmp(end - begin);
+    std::copy(acc + begin, acc + end, tmp.begin());
+    for (int64_t c = 1; c < g.dq_chunks; ++c) {
+      const A* src = acc + c * n + begin;
+      for (int64_t i = 0; i < end - begin; ++i) tmp[i] += src[i];
+    }
+    store_row<T>(tmp.data(), dq + begin, end - begin);
+  });
+}
+
+// Keys with no visible query get zero gradients: the kernel writes only the blocks of its
+// chunks, which cover every key, so nothing is left unwritten.
+}  // namespace
+
+int64_t backward_dq_chunks(const AttentionParams& p) {
+  const CpuTiles t = backward_tiles(p);
+  const int64_t units = std::max<int64_t>(1, p.batch * p.heads_kv);
+  int64_t chunks = std::min(ceil_div(16, units), std::max<int64_t>(1, key_blocks(p.seqlen_k, t)));
+  // Each chunk holds a dQ-sized accumulator: cap their memory at 512 MiB (or one dQ).
+  const int64_t bytes = p.total_q * p.heads_q * p.head_dim * 8;
+  while (chunks > 1 && chunks * bytes > (int64_t(512) << 20)) --chunks;
+  return std::max<int64_t>(1, chunks);
+}
+
+template <typename T>
+void attention_backward(const AttentionParams& p, const BackwardBuffers& g) {
+  const CpuTiles tiles = backward_tiles(p);
+  compute_delta<T>(p, g);
+  if (g.dsink) compute_dsink<T>(p, g);
+  const std::vector<WorkItem> items = key_chunk_items(p, tiles, g.dq_chunks);
+  // Sequences with no queries (or no keys) still owe zero dk/dv; zero them all up front only
+  // when such sequences exist would save a pass, but a memset is cheap next to the kernel.
+  const int64_t kv_elems = g.total_k * p.heads_kv * p.head_dim;
+  std::fill(static_cast<T*>(g.dk), static_cast<T*>(g.dk) + kv_elems, T(0));
+  std::fill(static_cast<T*>(g.dv), static_cast<T*>(g.dv) + kv_elems, T(0));
+  parallel_items(
+      static_cast<int64_t>(items.size()),
+      [&] { return BwdScratch<T>(tiles, p.head_dim, p.score.softcap > 0.f); },
+      [&](int64_t i, BwdScratch<T>& w) { backward_item<T>(p, g, tiles, g.dq_chunks, items[i], w); });
+  reduce_dq<T>(p, g);
+}
+
+template void attention_backward<float>(const AttentionParams&, const BackwardBuffers&);
+template void attention_backward<double>(const AttentionParams&, const BackwardBuffers&);
+template void attention_backward<c10::BFloat16>(const AttentionParams&, const BackwardBuffers&);
+template void attention_backward<c10::Half>(const AttentionParams&, const BackwardBuffers&);
+
+}  // namespace longattn::cpu

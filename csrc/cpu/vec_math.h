@@ -1,0 +1,87 @@
+// Vectorized row primitives of the CPU softmax, on top of at::vec (AVX2/AVX-512 as built).
+// float rows use at::vec; double rows (the gradcheck path) use plain loops, since at::vec's
+// double transcendentals live in Sleef, which torch does not export to extensions.
+#pragma once
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace longattn::cpu {
+
+using fVec = at::vec::Vectorized<float>;
+
+template <typename T>
+inline T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  T m = neg_inf<T>();
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= fVec::size()) {
+      fVec vm(neg_inf<float>());
+      for (; j + fVec::size() <= n; j += fVec::size()) vm = at::vec::maximum(vm, fVec::loadu(x + j));
+      float tmp[fVec::size()];
+      vm.store(tmp);
+      for (int t = 0; t < fVec::size(); ++t) m = std::max(m, tmp[t]);
+    }
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] * mul - sub); returns the sum. x[j] = -inf gives 0.
+template <typename T>
+inline T exp_sum(T* x, int64_t n, T mul, T sub) {
+  T sum = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const fVec vmul(mul), vsub(sub);
+    fVec vsum(0.f);
+    for (; j + fVec::size() <= n; j += fVec::size()) {
+      fVec e = at::vec::fmsub(fVec::loadu(x + j), vmul, vsub).exp_u20();
+      e.store(x + j);
+      vsum = vsum + e;
+    }
+    float tmp[fVec::size()];
+    vsum.store(tmp);
+    for (int t = 0; t < fVec::size(); ++t) sum += tmp[t];
+  }
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] * mul - sub);
+    sum += x[j];
+  }
+  return sum;
+}
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T a) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const fVec va(a);
+    for (; j + fVec::size() <= n; j += fVec::size()) (fVec::loadu(x + j) * va).store(x + j);
+  }
+  for (; j < n; ++j) x[j] *= a;
+}
+
+// tanh through exp: 1 - 2 / (exp(2x) + 1), exact at the saturated ends; used by softcap.
+template <typename T>
+inline void softcap_row(T* x, int64_t n, T scale, T cap) {
+  const T inv = scale / cap;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const fVec vinv(2.f * inv), vcap(cap), one(1.f), two(2.f);
+    for (; j + fVec::size() <= n; j += fVec::size()) {
+      const fVec e = (fVec::loadu(x + j) * vinv).exp_u20();
+      (vcap * (one - two / (e + one))).store(x + j);
+    }
+  }
+  for (; j < n; ++j) x[j] = cap * std::tanh(x[j] * inv);
+}
+
+}  // namespace longattn::cpu

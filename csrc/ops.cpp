@@ -1,0 +1,27 @@
+// Every longattn op schema, in one place. Backends register implementations with
+// TORCH_LIBRARY_IMPL in their own translation units (cpu/register.cpp, cuda/register.cu);
+// Python adds fake kernels and autograd (python/longattn/_ops.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(longattn, m) {
+  // Tiled attention with the long-context mask family. Returns out (q's dtype) and lse (fp32).
+  // window_left/right use longattn.UNBOUNDED (2**62) for "no limit"; softcap 0 and
+  // logn_base 0 mean off; q_start None means bottom-right aligned (Lk - Lq per sequence).
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "Tensor? alibi_slopes, Tensor? sink_logits, float scale, float softcap, float logn_base, "
+      "bool causal, int window_left, int window_right, int sinks, int? q_start, int k_start, "
+      "int max_seqlen_q, int max_seqlen_k) -> (Tensor out, Tensor lse)");
+  // Gradients of attention given dout and (optionally) dlse; dsink is empty without sink_logits.
+  m.def(
+      "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, "
+      "Tensor? sink_logits, float scale, float softcap, float logn_base, bool causal, "
+      "int window_left, int window_right, int sinks, int? q_start, int k_start, "
+      "int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
+  // Log-sum-exp merge of partial attentions over disjoint key sets (fp32 accumulation).
+  m.def("merge_attention(Tensor[] outs, Tensor[] lses) -> (Tensor out, Tensor lse)");
+  m.def(
+      "merge_attention_backward(Tensor dout, Tensor? dlse, Tensor[] outs, Tensor[] lses, "
+      "Tensor out, Tensor lse) -> (Tensor[] douts, Tensor[] dlses)");
+}

@@ -1,0 +1,28 @@
+"""longattn: hand-written CPU and CUDA kernels for long-context attention.
+
+Public API:
+    attention           tiled attention with causal / window / sinks (lambda) / softcap /
+                        ALiBi / log-n / learned sink logits / GQA / varlen, lse output
+    merge_attention     log-sum-exp merge of partial attentions
+    dilated_attention   LongNet dilated attention built on strided views
+    build_info          how the extension was compiled
+The raw ops live in ``torch.ops.longattn``.
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C, _ops  # noqa: F401  (registers ops, fake kernels, autograd)
+from .attention import UNBOUNDED, attention, merge_attention, window_bounds
+from .dilated import dilated_attention
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """Build facts: version, CUDA compiled and for which archs, CPU ISA, GEMM backend."""
+    return dict(_C.build_info())
+
+
+__all__ = ["attention", "merge_attention", "dilated_attention", "build_info", "UNBOUNDED",
+           "window_bounds", "__version__"]
