@@ -156,9 +156,9 @@ AttentionParams make_attention_params(const AttentionArgs& a) {
                     "softcap must be >= 0 (0 disables it), got ", a.softcap);
   TORCH_CHECK_VALUE(a.logn_base == 0 || (std::isfinite(a.logn_base) && a.logn_base > 1),
                     "logn_base must be > 1 (or 0 to disable), got ", a.logn_base);
-  p.score.scale = static_cast<float>(a.scale);
-  p.score.softcap = static_cast<float>(a.softcap);
-  p.score.inv_log_logn_base = a.logn_base == 0 ? 0.f : static_cast<float>(1.0 / std::log(a.logn_base));
+  p.score.scale = a.scale;
+  p.score.softcap = a.softcap;
+  p.score.inv_log_logn_base = a.logn_base == 0 ? 0.0 : 1.0 / std::log(a.logn_base);
   p.score.has_alibi = a.alibi_slopes.has_value();
   p.score.has_sink_logit = a.sink_logits.has_value();
 

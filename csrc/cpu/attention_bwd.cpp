@@ -120,7 +120,7 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
                           : static_cast<A*>(g.dq);
   A* S = w.s.data();
   A* dP = w.dp.data();
-  A* G = sp.softcap > 0.f ? w.g.data() : nullptr;
+  A* G = sp.softcap > 0.0 ? w.g.data() : nullptr;
   A* dK = w.dk.data();
   A* dV = w.dv.data();
 
@@ -247,7 +247,7 @@ void attention_backward(const AttentionParams& p, const BackwardBuffers& g) {
   std::fill(static_cast<T*>(g.dv), static_cast<T*>(g.dv) + kv_elems, T(0));
   parallel_items(
       static_cast<int64_t>(items.size()),
-      [&] { return BwdScratch<T>(tiles, p.head_dim, p.score.softcap > 0.f); },
+      [&] { return BwdScratch<T>(tiles, p.head_dim, p.score.softcap > 0.0); },
       [&](int64_t i, BwdScratch<T>& w) { backward_item<T>(p, g, tiles, g.dq_chunks, items[i], w); });
   reduce_dq<T>(p, g);
 }

@@ -3,6 +3,8 @@
 // ranges (sinks, window band); tiles inside them are classified full/partial/empty, empty
 // tiles are never touched and only partial tiles pay for per-element masking. Score tiles
 // go through BLAS (Q K^T, P V); the softmax runs on at::vec rows.
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/attention_kernels.h"
@@ -15,6 +17,15 @@ namespace longattn::cpu {
 
 CpuTiles choose_tiles(const AttentionParams& p) {
   CpuTiles t;
+  // Tuning knob: LONGATTN_CPU_TILES="q,k" overrides the forward tile shape.
+  if (const char* env = std::getenv("LONGATTN_CPU_TILES")) {
+    long tq = 0, tk = 0;
+    if (std::sscanf(env, "%ld,%ld", &tq, &tk) == 2 && tq > 0 && tk > 0) {
+      t.q = std::min<int64_t>(tq, std::max<int64_t>(1, p.seqlen_q));
+      t.k = tk;
+      return t;
+    }
+  }
   // Short query sets (decode, chunked prefill) want the rows they have; long key sets want
   // long tiles so each BLAS call is large.
   t.q = std::min<int64_t>(128, std::max<int64_t>(1, p.seqlen_q));

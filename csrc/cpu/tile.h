@@ -44,7 +44,7 @@ inline void store_row(const acc_t<T>* src, T* dst, int64_t D) {
 struct RowCtx {
   int64_t p;
   int64_t s_first;
-  float row_scale;  // scale * logn factor
+  double row_scale;  // scale * logn factor
   float slope;      // ALiBi slope of the head, 0 if none
 };
 
@@ -53,7 +53,7 @@ struct RowCtx {
 template <typename A>
 inline void transform_row(A* x, int64_t n, const RowCtx& r, const ScoreParams& sp,
                           A* softcap_grad) {
-  if (sp.softcap > 0.f) {
+  if (sp.softcap > 0.0) {
     softcap_row<A>(x, n, static_cast<A>(r.row_scale), static_cast<A>(sp.softcap));
     if (softcap_grad != nullptr) {
       const A inv = A(1) / static_cast<A>(sp.softcap);
