@@ -27,10 +27,10 @@ int64_t key_blocks(int64_t k_len, const CpuTiles& t) { return ceil_div(k_len, t.
 template <typename T>
 struct BwdScratch {
   using A = acc_t<T>;
-  std::vector<A> s, dp, g, q, dout, k, v, dk, dv;
+  std::vector<A> s, dp, g, q, dout, k, v, kt, vt, dk, dv;
   BwdScratch(const CpuTiles& t, int64_t D, bool softcap)
       : s(t.q * t.k), dp(t.q * t.k), g(softcap ? t.q * t.k : 0), q(t.q * D), dout(t.q * D),
-        k(t.k * D), v(t.k * D), dk(t.k * D), dv(t.k * D) {}
+        k(t.k * D), v(t.k * D), kt(t.k * D), vt(t.k * D), dk(t.k * D), dv(t.k * D) {}
 };
 
 // delta_i = rowsum(dO_i * O_i) - dlse_i, for every (sequence, q head, row).
@@ -132,6 +132,11 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
                               p.k_row_stride, nk, D, w.k.data(), &ldk);
     const A* V = load_rows<T>(static_cast<const T*>(p.v) + v_offset(p, si, it.b, hk) + j0 * p.v_row_stride,
                               p.v_row_stride, nk, D, w.v.data(), &ldv);
+    // K^T and V^T packed once per key block, reused by every query tile and GQA head.
+    A* Kt = w.kt.data();
+    A* Vt = w.vt.data();
+    transpose<A>(K, ldk, nk, D, Kt, nk);
+    transpose<A>(V, ldv, nk, D, Vt, nk);
     std::fill(dK, dK + nk * D, A(0));
     std::fill(dV, dV + nk * D, A(0));
     const Range rows = mask.query_range(j0, j0 + nk, si.q_len);
@@ -153,7 +158,7 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
                                    w.dout.data(), &lddo);
 
         // P = exp(logits - lse), recomputed tile by tile.
-        gemm_nt<A>(nq, nk, D, Q, ldq, K, ldk, A(0), S, ldS);
+        gemm<A>(nq, nk, D, Q, ldq, 1, Kt, nk, false, S, ldS);
         for (int64_t r = 0; r < nq; ++r) {
           A* x = S + r * ldS;
           const int64_t pos = p0 + r;
@@ -172,8 +177,8 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
           exp_sum<A>(x, nk, mul, l);
         }
         // dP = dO V^T; dV += P^T dO.
-        gemm_nt<A>(nq, nk, D, dO, lddo, V, ldv, A(0), dP, ldS);
-        gemm_tn<A>(nk, D, nq, S, ldS, dO, lddo, A(1), dV, D);
+        gemm<A>(nq, nk, D, dO, lddo, 1, Vt, nk, false, dP, ldS);
+        gemm<A>(nk, D, nq, S, 1, ldS, dO, lddo, true, dV, D);
         // dS = P (dP - delta), chained through softcap and the row scale back to q.k.
         for (int64_t r = 0; r < nq; ++r) {
           const A* pr = S + r * ldS;
@@ -187,8 +192,8 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
             for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - dr) * rs;
           }
         }
-        gemm_tn<A>(nk, D, nq, dP, ldS, Q, ldq, A(1), dK, D);
-        gemm_nn<A>(nq, D, nk, dP, ldS, K, ldk, A(1), dq_base + ooff + i0 * ldo, ldo);
+        gemm<A>(nk, D, nq, dP, 1, ldS, Q, ldq, true, dK, D);
+        gemm<A>(nq, D, nk, dP, ldS, 1, K, ldk, true, dq_base + ooff + i0 * ldo, ldo);
       }
     }
 

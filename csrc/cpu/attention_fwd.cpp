@@ -29,7 +29,7 @@ CpuTiles choose_tiles(const AttentionParams& p) {
   // Short query sets (decode, chunked prefill) want the rows they have; long key sets want
   // long tiles so each BLAS call is large.
   t.q = std::min<int64_t>(128, std::max<int64_t>(1, p.seqlen_q));
-  t.k = p.head_dim > 128 ? 256 : 512;
+  t.k = p.head_dim > 128 ? 128 : 256;
   return t;
 }
 
@@ -38,9 +38,9 @@ namespace {
 template <typename T>
 struct FwdScratch {
   using A = acc_t<T>;
-  std::vector<A> s, o, q, k, v, m, l;
+  std::vector<A> s, o, q, k, kt, v, m, l;
   FwdScratch(const CpuTiles& t, int64_t D)
-      : s(t.q * t.k), o(t.q * D), q(t.q * D), k(t.k * D), v(t.k * D), m(t.q), l(t.q) {}
+      : s(t.q * t.k), o(t.q * D), q(t.q * D), k(t.k * D), kt(t.k * D), v(t.k * D), m(t.q), l(t.q) {}
 };
 
 template <typename T>
@@ -81,9 +81,11 @@ void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
       const TileKind kind = mask.classify(p0, p1, s0, s0 + nk - 1);
       if (kind == TileKind::kEmpty) continue;
 
+      // S = Q K^T, with K packed transposed so the kernel streams rows of K^T.
       int64_t ldk, ldv;
       const A* K = load_rows<T>(kp + j0 * p.k_row_stride, p.k_row_stride, nk, D, w.k.data(), &ldk);
-      gemm_nt<A>(nq, nk, D, Q, ldq, K, ldk, A(0), S, ldS);
+      transpose<A>(K, ldk, nk, D, w.kt.data(), nk);
+      gemm<A>(nq, nk, D, Q, ldq, 1, w.kt.data(), nk, false, S, ldS);
 
       for (int64_t r = 0; r < nq; ++r) {
         A* x = S + r * ldS;
@@ -109,7 +111,7 @@ void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
       }
 
       const A* V = load_rows<T>(vp + j0 * p.v_row_stride, p.v_row_stride, nk, D, w.v.data(), &ldv);
-      gemm_nn<A>(nq, D, nk, S, ldS, V, ldv, A(1), O, D);
+      gemm<A>(nq, D, nk, S, ldS, 1, V, ldv, true, O, D);
     }
   }
 

@@ -1,5 +1,11 @@
 #include "cpu/gemm.h"
 
+#include <algorithm>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 extern "C" {
 // Fortran BLAS, column-major, LP64 integers. Weak: null when torch does not export them.
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -14,13 +20,19 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace longattn::cpu {
 namespace {
 
-// Column-major BLAS call computing row-major C = op(A) op(B): a row-major matrix is its
-// column-major transpose, so we ask BLAS for C^T = op(B)^T op(A)^T.
 template <typename T>
-void blas(char tb, char ta, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+bool have_blas() {
+  if constexpr (sizeof(T) == 4) return sgemm_ != nullptr;
+  return dgemm_ != nullptr;
+}
+
+// Row-major C = op(A) B through column-major BLAS: ask for C^T = B^T op(A)^T.
+template <typename T>
+void blas(bool trans_a, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  const char tb = 'N', ta = trans_a ? 'T' : 'N';
   const T one = 1;
   if constexpr (sizeof(T) == 4) {
     sgemm_(&tb, &ta, &M, &N, &K, &one, B, &LDA, A, &LDB, &beta, C, &LDC);
@@ -29,78 +41,156 @@ void blas(char tb, char ta, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   }
 }
 
+// Portable fallback: i-p-j loops the compiler vectorizes along j.
 template <typename T>
-bool have_blas() {
-  if constexpr (sizeof(T) == 4) return sgemm_ != nullptr;
-  return dgemm_ != nullptr;
-}
-
-// Fallback: i-k-j loops the compiler vectorizes along n.
-template <typename T, bool TransA, bool TransB>
-void loops(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
-           T beta, T* C, int64_t ldc) {
+void loops(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col,
+           const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i) {
     T* c = C + i * ldc;
-    if (beta == T(0)) {
-      for (int64_t j = 0; j < n; ++j) c[j] = 0;
-    } else if (beta != T(1)) {
-      for (int64_t j = 0; j < n; ++j) c[j] *= beta;
-    }
-    if constexpr (TransB) {  // B is n x k: dot products
-      const T* a = TransA ? nullptr : A + i * lda;
-      for (int64_t j = 0; j < n; ++j) {
-        const T* b = B + j * ldb;
-        T acc = 0;
-        for (int64_t p = 0; p < k; ++p) acc += (TransA ? A[p * lda + i] : a[p]) * b[p];
-        c[j] += acc;
-      }
-    } else {
-      for (int64_t p = 0; p < k; ++p) {
-        const T a = TransA ? A[p * lda + i] : A[i * lda + p];
-        const T* b = B + p * ldb;
-        for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
-      }
+    if (!accumulate) std::fill(c, c + n, T(0));
+    for (int64_t p = 0; p < k; ++p) {
+      const T a = A[i * a_row + p * a_col];
+      const T* b = B + p * ldb;
+      for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
     }
   }
 }
 
+template <typename T>
+void gemm_generic(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col,
+                  const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+  if (have_blas<T>() && (a_col == 1 || a_row == 1)) {
+    const bool trans_a = a_col != 1;
+    return blas<T>(trans_a, m, n, k, A, trans_a ? a_col : a_row, B, ldb, T(accumulate ? 1 : 0), C, ldc);
+  }
+  loops<T>(m, n, k, A, a_row, a_col, B, ldb, accumulate, C, ldc);
+}
+
+#if defined(__AVX512F__)
+// Register-blocked kernel: an MR x (NV*16) block of C lives in MR*NV zmm accumulators; each
+// step p broadcasts MR values of A and loads NV vectors of B's row p. The last vector of a
+// row may be partial (mask), so n needs no padding.
+template <int MR, int NV>
+inline void kernel(int64_t k, const float* A, int64_t a_row, int64_t a_col, const float* B,
+                   int64_t ldb, bool accumulate, float* C, int64_t ldc, __mmask16 tail) {
+  // Every loop over MR or NV is unrolled so the accumulators stay in registers (without the
+  // pragmas GCC keeps the array on the stack and spills every step).
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mv = v == NV - 1 ? tail : __mmask16(0xFFFF);
+      c[i][v] = accumulate ? _mm512_maskz_loadu_ps(mv, C + i * ldc + 16 * v) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      b[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(tail, B + p * ldb + 16 * v)
+                         : _mm512_loadu_ps(B + p * ldb + 16 * v);
+    }
+    const float* a = A + p * a_col;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * a_row]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(ai, b[v], c[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mv = v == NV - 1 ? tail : __mmask16(0xFFFF);
+      _mm512_mask_storeu_ps(C + i * ldc + 16 * v, mv, c[i][v]);
+    }
+  }
+}
+
+template <int NV>
+inline void row_blocks(int64_t m, int64_t k, const float* A, int64_t a_row, int64_t a_col,
+                       const float* B, int64_t ldb, bool acc, float* C, int64_t ldc,
+                       __mmask16 tail) {
+  // 24 accumulators for full-width blocks leave room for the B vectors and a broadcast.
+  constexpr int MR = NV >= 4 ? 6 : (NV == 3 ? 8 : (NV == 2 ? 12 : 16));
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR)
+    kernel<MR, NV>(k, A + i * a_row, a_row, a_col, B, ldb, acc, C + i * ldc, ldc, tail);
+  for (; i < m; ++i)  // leftover rows one at a time
+    kernel<1, NV>(k, A + i * a_row, a_row, a_col, B, ldb, acc, C + i * ldc, ldc, tail);
+}
+
+void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col,
+                 const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  // Blocks of k keep a B panel (kc rows x 64 columns) in L1 across the row blocks.
+  constexpr int64_t kc = 128;
+  for (int64_t j = 0; j < n; j += 64) {
+    const int64_t nj = std::min<int64_t>(64, n - j);
+    const int nv = static_cast<int>((nj + 15) / 16);
+    const int rem = static_cast<int>(nj - 16 * (nv - 1));
+    const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
+    for (int64_t p = 0; p < std::max<int64_t>(k, 1); p += kc) {
+      const int64_t kk = std::min(kc, k - p);
+      const bool acc = accumulate || p > 0;
+      const float* Ap = A + p * a_col;
+      const float* Bp = B + p * ldb + j;
+      float* Cj = C + j;
+      switch (nv) {
+        case 4: row_blocks<4>(m, kk, Ap, a_row, a_col, Bp, ldb, acc, Cj, ldc, tail); break;
+        case 3: row_blocks<3>(m, kk, Ap, a_row, a_col, Bp, ldb, acc, Cj, ldc, tail); break;
+        case 2: row_blocks<2>(m, kk, Ap, a_row, a_col, Bp, ldb, acc, Cj, ldc, tail); break;
+        default: row_blocks<1>(m, kk, Ap, a_row, a_col, Bp, ldb, acc, Cj, ldc, tail); break;
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
 
-const char* gemm_backend() { return sgemm_ != nullptr ? "mkl" : "loops"; }
+const char* gemm_backend() {
+#if defined(__AVX512F__)
+  return "avx512";
+#else
+  return sgemm_ != nullptr ? "mkl" : "loops";
+#endif
+}
 
-template <typename T>
-void gemm_nt(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
-             T beta, T* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (have_blas<T>() && k > 0) return blas<T>('T', 'N', m, n, k, A, lda, B, ldb, beta, C, ldc);
-  loops<T, false, true>(m, n, k, A, lda, B, ldb, beta, C, ldc);
+template <>
+void gemm<float>(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col,
+                 const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+#if defined(__AVX512F__)
+  gemm_avx512(m, n, k, A, a_row, a_col, B, ldb, accumulate, C, ldc);
+#else
+  gemm_generic<float>(m, n, k, A, a_row, a_col, B, ldb, accumulate, C, ldc);
+#endif
+}
+
+template <>
+void gemm<double>(int64_t m, int64_t n, int64_t k, const double* A, int64_t a_row, int64_t a_col,
+                  const double* B, int64_t ldb, bool accumulate, double* C, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  gemm_generic<double>(m, n, k, A, a_row, a_col, B, ldb, accumulate, C, ldc);
 }
 
 template <typename T>
-void gemm_nn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
-             T beta, T* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (have_blas<T>() && k > 0) return blas<T>('N', 'N', m, n, k, A, lda, B, ldb, beta, C, ldc);
-  loops<T, false, false>(m, n, k, A, lda, B, ldb, beta, C, ldc);
+void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  // 16 x 16 blocks keep both the reads and the writes within a few cache lines.
+  constexpr int64_t bs = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += bs) {
+    const int64_t r1 = std::min(rows, r0 + bs);
+    for (int64_t c0 = 0; c0 < cols; c0 += bs) {
+      const int64_t c1 = std::min(cols, c0 + bs);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+  }
 }
 
-template <typename T>
-void gemm_tn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
-             T beta, T* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (have_blas<T>() && k > 0) return blas<T>('N', 'T', m, n, k, A, lda, B, ldb, beta, C, ldc);
-  loops<T, true, false>(m, n, k, A, lda, B, ldb, beta, C, ldc);
-}
-
-#define LONGATTN_GEMM_INSTANTIATE(T)                                                        \
-  template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, \
-                           T, T*, int64_t);                                                 \
-  template void gemm_nn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, \
-                           T, T*, int64_t);                                                 \
-  template void gemm_tn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, \
-                           T, T*, int64_t);
-LONGATTN_GEMM_INSTANTIATE(float)
-LONGATTN_GEMM_INSTANTIATE(double)
-#undef LONGATTN_GEMM_INSTANTIATE
+template void transpose<float>(const float*, int64_t, int64_t, int64_t, float*, int64_t);
+template void transpose<double>(const double*, int64_t, int64_t, int64_t, double*, int64_t);
 
 }  // namespace longattn::cpu
