@@ -6,7 +6,7 @@
 TORCH_LIBRARY(longattn, m) {
   // Tiled attention with the long-context mask family. Returns out (q's dtype) and lse (fp32).
   // window_left/right use longattn.UNBOUNDED (2**62) for "no limit"; softcap 0 and
-  // logn_base 0 mean off; q_start None means bottom-right aligned (Lk - Lq per sequence).
+  // logn_base 0 mean off; q_start None means bottom-right aligned (k_start + Lk - Lq per sequence).
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? alibi_slopes, Tensor? sink_logits, float scale, float softcap, float logn_base, "

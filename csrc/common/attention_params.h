@@ -36,7 +36,7 @@ struct AttentionParams {
   const float* sink_logits = nullptr;   // [heads_q] or null
 
   MaskParams mask;               // q_start is filled per sequence when q_start_default
-  bool q_start_default = true;   // q_start = Lk - Lq of each sequence
+  bool q_start_default = true;   // q_start = k_start + Lk - Lq of each sequence
   ScoreParams score;
 
   LONGATTN_HD bool varlen() const { return cu_seqlens_q != nullptr; }

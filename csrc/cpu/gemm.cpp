@@ -59,9 +59,14 @@ void loops(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a
 template <typename T>
 void gemm_generic(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col,
                   const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
-  if (have_blas<T>() && (a_col == 1 || a_row == 1)) {
-    const bool trans_a = a_col != 1;
-    return blas<T>(trans_a, m, n, k, A, trans_a ? a_col : a_row, B, ldb, T(accumulate ? 1 : 0), C, ldc);
+  // BLAS needs A as a row-major (lda >= k) or transposed (lda >= m) matrix; with one row or
+  // one column the unused stride is free, so lift it to the minimum BLAS accepts.
+  if (have_blas<T>()) {
+    const T beta = accumulate ? T(1) : T(0);
+    if (a_col == 1 && (m == 1 || a_row >= k))
+      return blas<T>(false, m, n, k, A, std::max(a_row, k), B, ldb, beta, C, ldc);
+    if (a_row == 1 && (k == 1 || a_col >= m))
+      return blas<T>(true, m, n, k, A, std::max(a_col, m), B, ldb, beta, C, ldc);
   }
   loops<T>(m, n, k, A, a_row, a_col, B, ldb, accumulate, C, ldc);
 }

@@ -98,7 +98,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             value (gpt-oss). Receives a gradient.
         logn_base: scale query ``p`` by ``max(1, ln(p + 1) / ln(logn_base))``.
         q_start, k_start: absolute position of query row 0 / key 0. Default
-            ``q_start = seqlen_k - seqlen_q`` (bottom-right aligned, per sequence in varlen).
+            ``q_start = k_start + seqlen_k - seqlen_q``: bottom-right aligned (the last query at
+            the last key's position), per sequence in varlen.
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` cumulative lengths (varlen form).
         max_seqlen_q, max_seqlen_k: longest sequence in varlen form (computed if omitted).
         dilation: NATTEN-style dilation ``r``: additionally require ``(p - s) % r == 0``. Runs
@@ -180,7 +181,7 @@ def _residue_class_attention(q, k, v, r, *, causal, window, sinks, scale, softca
     if logn_base is not None:
         raise ValueError("dilation > 1 cannot be combined with logn_base")
     Lq, Lk = q.shape[1], k.shape[1]
-    q0 = Lk - Lq if q_start is None else q_start
+    q0 = k_start + Lk - Lq if q_start is None else q_start
     left, right = window if window is not None else (None, None)
     win = (None if left is None else left // r, None if right is None else right // r)
     slopes = alibi_slopes * r if alibi_slopes is not None else None
