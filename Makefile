@@ -52,7 +52,7 @@ info:
 
 clean:
 	rm -rf build python/longattn/_C*.so python/*.egg-info *.egg-info
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . \( -path './.venv*' -o -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
 	rm -rf $(VENV)

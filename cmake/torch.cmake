@@ -48,7 +48,12 @@ macro(longattn_find_torch)
   if(NOT kineto_LIBRARY)
     set(kineto_LIBRARY "kineto-not-used-by-longattn")
   endif()
+  # enable_language(CUDA) defined CMAKE_CUDA_ARCHITECTURES; torch's CMake warns about
+  # any value and then sets it OFF. We pass -gencode per file instead (cuda.cmake).
+  unset(CMAKE_CUDA_ARCHITECTURES)
+  unset(CMAKE_CUDA_ARCHITECTURES CACHE)
   find_package(Torch REQUIRED CONFIG)
+  set(CMAKE_CUDA_ARCHITECTURES OFF)
   # torch's Caffe2 CMake appends -gencode flags for TORCH_CUDA_ARCH_LIST globally;
   # our per-file flags (cuda.cmake) replace them.
   longattn_strip_global_cuda_arch_flags()
