@@ -50,10 +50,11 @@ int64_t max_len(const at::Tensor& cu) {
 }
 
 void check_per_head(const std::optional<at::Tensor>& t, const char* name, int64_t heads,
-                    const at::Tensor& q) {
+                    const at::Tensor& q, bool allow_fp64) {
   if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, " must be float32, got ",
-                    t->scalar_type());
+  const bool fp64_ok = allow_fp64 && q.scalar_type() == at::kDouble && t->scalar_type() == at::kDouble;
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat || fp64_ok, name, " must be float32",
+                    allow_fp64 ? " (or float64 with float64 q)" : "", ", got ", t->scalar_type());
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == heads, name,
                     " must have shape (num_heads_q,) = (", heads, ",), got ", t->sizes());
   TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), " but q is on ",
@@ -145,10 +146,14 @@ AttentionParams make_attention_params(const AttentionArgs& a) {
   p.k = a.k.data_ptr();
   p.v = a.v.data_ptr();
 
-  check_per_head(a.alibi_slopes, "alibi_slopes", p.heads_q, q);
-  check_per_head(a.sink_logits, "sink_logits", p.heads_q, q);
+  check_per_head(a.alibi_slopes, "alibi_slopes", p.heads_q, q, false);
+  // fp64 sink logits with fp64 inputs keep float64 gradcheck of their gradient meaningful.
+  check_per_head(a.sink_logits, "sink_logits", p.heads_q, q, true);
   if (a.alibi_slopes) p.alibi_slopes = a.alibi_slopes->data_ptr<float>();
-  if (a.sink_logits) p.sink_logits = a.sink_logits->data_ptr<float>();
+  if (a.sink_logits) {
+    p.sink_logits = a.sink_logits->data_ptr();
+    p.sink_logits_fp64 = a.sink_logits->scalar_type() == at::kDouble;
+  }
 
   TORCH_CHECK_VALUE(std::isfinite(a.scale) && a.scale > 0, "scale must be a positive finite number, got ",
                     a.scale);

@@ -33,7 +33,8 @@ struct AttentionParams {
   const int32_t* cu_seqlens_k = nullptr;
 
   const float* alibi_slopes = nullptr;  // [heads_q] or null
-  const float* sink_logits = nullptr;   // [heads_q] or null
+  const void* sink_logits = nullptr;    // [heads_q] fp32 (fp64 allowed with fp64 inputs) or null
+  bool sink_logits_fp64 = false;
 
   MaskParams mask;               // q_start is filled per sequence when q_start_default
   bool q_start_default = true;   // q_start = k_start + Lk - Lq of each sequence
@@ -41,6 +42,10 @@ struct AttentionParams {
 
   LONGATTN_HD bool varlen() const { return cu_seqlens_q != nullptr; }
   LONGATTN_HD int64_t group() const { return heads_q / heads_kv; }
+  LONGATTN_HD double sink_logit(int64_t h) const {
+    return sink_logits_fp64 ? static_cast<const double*>(sink_logits)[h]
+                            : static_cast<const float*>(sink_logits)[h];
+  }
 };
 
 // Per-sequence view: where sequence b's rows start, its lengths and its mask positions.

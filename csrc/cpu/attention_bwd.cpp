@@ -65,7 +65,7 @@ void compute_dsink(const AttentionParams& p, const BackwardBuffers& g) {
   using A = acc_t<T>;
   at::parallel_for(0, p.heads_q, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
-      const A z = p.sink_logits[h];
+      const A z = static_cast<A>(p.sink_logit(h));
       A acc = 0;
       for (int64_t b = 0; b < p.batch; ++b) {
         const SeqInfo si = seq_info(p, b);
@@ -77,7 +77,11 @@ void compute_dsink(const AttentionParams& p, const BackwardBuffers& g) {
           acc -= std::exp(z - lse[i]) * delta[i];
         }
       }
-      g.dsink[h] = static_cast<float>(acc);
+      if (p.sink_logits_fp64) {
+        static_cast<double*>(g.dsink)[h] = static_cast<double>(acc);
+      } else {
+        static_cast<float*>(g.dsink)[h] = static_cast<float>(acc);
+      }
     }
   });
 }

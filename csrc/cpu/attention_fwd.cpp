@@ -117,7 +117,7 @@ void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
 
   T* out = static_cast<T*>(p.out) + out_offset(p, si, it.b, h) + i0 * p.heads_q * D;
   A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, it.b, h) + i0;
-  const A sink_logit = sp.has_sink_logit ? static_cast<A>(p.sink_logits[h]) : neg_inf<A>();
+  const A sink_logit = sp.has_sink_logit ? static_cast<A>(p.sink_logit(h)) : neg_inf<A>();
   for (int64_t r = 0; r < nq; ++r) {
     A mr = m[r], lr = l[r];
     A* o = O + r * D;

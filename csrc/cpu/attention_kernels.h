@@ -29,7 +29,7 @@ struct BackwardBuffers {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
-  float* dsink = nullptr;
+  void* dsink = nullptr;  // sink_logits' dtype
   void* dq_accum = nullptr;  // zeroed, chunks x (q elements), or null: accumulate into dq (zeroed)
   int64_t dq_chunks = 1;
   int64_t total_k = 0;  // tokens in k (rows of dk/dv)

@@ -66,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(at::TensorList outs, at::
       }
     });
   });
-  return {out, lse.to(lses[0].scalar_type())};
+  // lse follows attention's convention: fp32, fp64 for fp64 outputs.
+  return {out, lse};
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_backward_cpu(
@@ -81,7 +82,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
   const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
   const auto o = contiguous_as(outs, std::nullopt);
   const auto l = contiguous_as(lses, acc_type);
-  const at::Tensor dout_c = dout.to(st).contiguous(), out_c = out.to(st).contiguous();
+  const at::Tensor dout_c = dout.to(st).contiguous();
   const at::Tensor lse_c = lse.to(acc_type).contiguous();
   const at::Tensor dlse_c = dlse ? dlse->to(acc_type).contiguous() : at::Tensor();
   const int n = static_cast<int>(outs.size());
@@ -101,12 +102,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
       dlp.push_back(dlses[k].data_ptr<A>());
     }
     const scalar_t* dout_p = dout_c.data_ptr<scalar_t>();
-    const scalar_t* out_p = out_c.data_ptr<scalar_t>();
     const A* lse_p = lse_c.data_ptr<A>();
     const A* dlse_p = dlse_c.defined() ? dlse_c.data_ptr<A>() : nullptr;
     const int64_t H = ms.H, L = ms.L, D = ms.D;
     at::parallel_for(0, ms.rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<A> g(D), ob(D), tmp(D), scaled(D);
+      std::vector<A> g(D), tmp(D), scaled(D), w(n), g_dot(n);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / L, i = row % L;
         for (int64_t h = 0; h < H; ++h) {
@@ -114,28 +114,30 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
           const int64_t off = (row * H + h) * D;
           int64_t ld;
           const A* gd = load_rows<scalar_t>(dout_p + off, D, 1, D, g.data(), &ld);
-          const A* om = load_rows<scalar_t>(out_p + off, D, 1, D, ob.data(), &ld);
-          A g_dot_out = 0;
-          for (int64_t d = 0; d < D; ++d) g_dot_out += gd[d] * om[d];
           const A m = lse_p[lidx];
           const A dl = dlse_p ? dlse_p[lidx] : A(0);
+          // dout . out is rebuilt from the partials in the accumulation type rather than
+          // read from the (possibly bf16-rounded) merged output.
+          A g_dot_out = 0;
           for (int k = 0; k < n; ++k) {
             const A lk = lp[k][lidx];
-            const A w = (m == neg_inf<A>() || lk == neg_inf<A>()) ? A(0) : std::exp(lk - m);
+            w[k] = (m == neg_inf<A>() || lk == neg_inf<A>()) ? A(0) : std::exp(lk - m);
             const A* ok = load_rows<scalar_t>(op[k] + off, D, 1, D, tmp.data(), &ld);
-            A g_dot_k = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              g_dot_k += gd[d] * ok[d];
-              scaled[d] = w * gd[d];
-            }
+            A acc = 0;
+            for (int64_t d = 0; d < D; ++d) acc += gd[d] * ok[d];
+            g_dot[k] = acc;
+            g_dot_out += w[k] * acc;
+          }
+          for (int k = 0; k < n; ++k) {
+            for (int64_t d = 0; d < D; ++d) scaled[d] = w[k] * gd[d];
             store_row<scalar_t>(scaled.data(), dop[k] + off, D);
-            dlp[k][lidx] = w * (g_dot_k - g_dot_out + dl);
+            dlp[k][lidx] = w[k] * (g_dot[k] - g_dot_out + dl);
           }
         }
       }
     });
   });
-  for (int k = 0; k < n; ++k) dlses[k] = dlses[k].to(lses[k].scalar_type());
+  for (int k = 0; k < n; ++k) dlses[k] = dlses[k].to(lses[k].scalar_type());  // grads match inputs
   return {douts, dlses};
 }
 

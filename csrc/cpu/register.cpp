@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   at::Tensor dq = dq_direct ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  at::Tensor dsink = sink_logits.has_value() ? at::empty({p.heads_q}, q.options().dtype(at::kFloat))
+  at::Tensor dsink = sink_logits.has_value() ? at::empty({p.heads_q}, sink_logits->options())
                                              : at::empty({0}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty(lse.sizes(), lse_c.options());
   g.dout = dout_c.data_ptr();
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   g.dq = dq.data_ptr();
   g.dk = dk.data_ptr();
   g.dv = dv.data_ptr();
-  g.dsink = sink_logits.has_value() ? dsink.data_ptr<float>() : nullptr;
+  g.dsink = sink_logits.has_value() ? dsink.data_ptr() : nullptr;
   g.total_k = cu_seqlens_k.has_value() ? k.size(0) : k.size(0) * k.size(1);
   at::Tensor dq_accum;
   if (!dq_direct) {

@@ -35,7 +35,8 @@ def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logi
 @torch.library.register_fake("longattn::attention_backward")
 def _attention_backward_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                              alibi_slopes, sink_logits, *args):
-    dsink = q.new_empty((q.shape[-2],) if sink_logits is not None else (0,), dtype=torch.float32)
+    dsink = (sink_logits.new_empty(sink_logits.shape) if sink_logits is not None
+             else q.new_empty((0,), dtype=torch.float32))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink
 
 
@@ -65,7 +66,8 @@ torch.library.register_autograd("longattn::attention", _attention_backward,
 
 @torch.library.register_fake("longattn::merge_attention")
 def _merge_fake(outs, lses):
-    return outs[0].new_empty(outs[0].shape), lses[0].new_empty(lses[0].shape)
+    return outs[0].new_empty(outs[0].shape), lses[0].new_empty(lses[0].shape,
+                                                               dtype=_lse_dtype(outs[0]))
 
 
 @torch.library.register_fake("longattn::merge_attention_backward")

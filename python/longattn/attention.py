@@ -58,14 +58,15 @@ def _check_tensors(q, k, v, varlen: bool):
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-def _check_aux(name, t, heads, q):
+def _check_aux(name, t, heads, q, allow_fp64=False):
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a float32 tensor of shape (num_heads_q,)")
     if t.device != q.device:
         raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if t.dtype != torch.float32 or t.shape != (heads,):
+    fp64_ok = allow_fp64 and q.dtype == torch.float64 and t.dtype == torch.float64
+    if (t.dtype != torch.float32 and not fp64_ok) or t.shape != (heads,):
         raise ValueError(f"{name} must be float32 of shape ({heads},) (one per q head), got "
                          f"{t.dtype} of shape {tuple(t.shape)}")
 
@@ -94,7 +95,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         softcap: ``x -> softcap * tanh(x / softcap)`` on scaled logits (0 = off).
         alibi_slopes: fp32 ``(heads_q,)``; adds ``-slope * |p - s|``.
-        sink_logits: fp32 ``(heads_q,)``; a learned logit in the softmax denominator with no
+        sink_logits: fp32 ``(heads_q,)`` (fp64 allowed with fp64 q); a learned logit in the softmax denominator with no
             value (gpt-oss). Receives a gradient.
         logn_base: scale query ``p`` by ``max(1, ln(p + 1) / ln(logn_base))``.
         q_start, k_start: absolute position of query row 0 / key 0. Default
@@ -135,7 +136,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"head_dim (last dim of q) must be in [1, 256], got {head_dim}")
     heads_q = q.shape[-2]
     _check_aux("alibi_slopes", alibi_slopes, heads_q, q)
-    _check_aux("sink_logits", sink_logits, heads_q, q)
+    _check_aux("sink_logits", sink_logits, heads_q, q, allow_fp64=True)
     if not _is_int(sinks) or sinks < 0:
         raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
     if not _is_int(k_start) or k_start < 0:
