@@ -9,6 +9,8 @@
 
 #include <string>
 
+#include "cpu/gemm.h"
+
 #if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>  // torch >= 2.9: no other torch headers pulled in
 #elif __has_include(<torch/version.h>)
@@ -82,6 +84,7 @@ py::dict build_info() {
 #endif
   d["cuda_sm90a"] = static_cast<bool>(LONGATTN_CUDA_SM90A);
   d["cpu_isa"] = LONGATTN_CPU_ISA_NAME;
+  d["cpu_gemm"] = longattn::cpu::gemm_backend();  // tile GEMMs: avx512 | mkl | loops
   d["torch_version"] = torch_version_compiled();     // headers compiled against
   d["torch_version_full"] = LONGATTN_TORCH_VERSION_STR;  // torch.__version__ at build time
   d["openmp"] = static_cast<bool>(LONGATTN_OPENMP);
@@ -111,7 +114,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = LONGATTN_VERSION;
   m.def("build_info", &build_info,
         "Dict describing how this extension was built: version, cuda, cuda_archs, "
-        "cuda_version, cuda_sm90a, cpu_isa, torch_version, torch_version_full, openmp.");
+        "cuda_version, cuda_sm90a, cpu_isa, cpu_gemm, torch_version, torch_version_full, openmp.");
   m.def("_openmp_threads", &openmp_max_threads,
         "Threads an OpenMP parallel region in this module gets (diagnostic).");
 }
