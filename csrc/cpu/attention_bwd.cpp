@@ -22,7 +22,22 @@ CpuTiles backward_tiles(const AttentionParams& p) {
   return t;
 }
 
-int64_t key_blocks(int64_t k_len, const CpuTiles& t) { return ceil_div(k_len, t.k); }
+// Key blocks of one sequence. The sink keys get blocks of their own: every query row sees
+// them, so a block mixing 64 sinks with 192 window keys would be recomputed for every query
+// tile at 4x the needed width.
+struct KeyBlocks {
+  int64_t n_sink_keys, k_len, width;
+  KeyBlocks(const MaskParams& m, int64_t k_len, const CpuTiles& t)
+      : n_sink_keys(std::clamp<int64_t>(m.sinks - m.k_start, 0, k_len)), k_len(k_len), width(t.k) {}
+  int64_t sink_blocks() const { return ceil_div(n_sink_keys, width); }
+  int64_t count() const { return sink_blocks() + ceil_div(k_len - n_sink_keys, width); }
+  Range block(int64_t kb) const {
+    const int64_t ns = sink_blocks();
+    if (kb < ns) return {kb * width, std::min(n_sink_keys, (kb + 1) * width)};
+    const int64_t j0 = n_sink_keys + (kb - ns) * width;
+    return {j0, std::min(k_len, j0 + width)};
+  }
+};
 
 template <typename T>
 struct BwdScratch {
@@ -90,14 +105,15 @@ std::vector<WorkItem> key_chunk_items(const AttentionParams& p, const CpuTiles& 
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < p.batch; ++b) {
     const SeqInfo si = seq_info(p, b);
-    const int64_t nkb = key_blocks(si.k_len, t);
+    const KeyBlocks blocks(si.mask, si.k_len, t);
+    const int64_t nkb = blocks.count();
     if (si.q_len == 0 || nkb == 0) continue;
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t kb0 = nkb * c / chunks, kb1 = nkb * (c + 1) / chunks;
       int64_t cost = 0;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int64_t j0 = kb * t.k, j1 = std::min(j0 + t.k, si.k_len);
-        cost += 1 + si.mask.query_range(j0, j1, si.q_len).size();
+        const Range keys = blocks.block(kb);
+        cost += 1 + si.mask.query_range(keys.lo, keys.hi, si.q_len).size();
       }
       if (kb1 == kb0) continue;
       for (int64_t h = 0; h < p.heads_kv; ++h) items.push_back({b, h, c, cost});
@@ -116,7 +132,8 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
   const MaskParams& mask = si.mask;
   const ScoreParams& sp = p.score;
   const int64_t hk = it.h;
-  const int64_t nkb = key_blocks(si.k_len, tiles);
+  const KeyBlocks blocks(mask, si.k_len, tiles);
+  const int64_t nkb = blocks.count();
   const int64_t kb0 = nkb * it.tile / chunks, kb1 = nkb * (it.tile + 1) / chunks;
   const int64_t ldS = tiles.k;
   const int64_t ldo = Hq * D;  // dout, out and dq rows
@@ -129,7 +146,8 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
   A* dV = w.dv.data();
 
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const int64_t j0 = kb * tiles.k, nk = std::min(tiles.k, si.k_len - j0);
+    const Range keys = blocks.block(kb);
+    const int64_t j0 = keys.lo, nk = keys.size();
     const int64_t s0 = mask.k_start + j0;
     int64_t ldk, ldv;
     const A* K = load_rows<T>(static_cast<const T*>(p.k) + k_offset(p, si, it.b, hk) + j0 * p.k_row_stride,
@@ -236,7 +254,8 @@ void reduce_dq(const AttentionParams& p, const BackwardBuffers& g) {
 int64_t backward_dq_chunks(const AttentionParams& p) {
   const CpuTiles t = backward_tiles(p);
   const int64_t units = std::max<int64_t>(1, p.batch * p.heads_kv);
-  int64_t chunks = std::min(ceil_div(16, units), std::max<int64_t>(1, key_blocks(p.seqlen_k, t)));
+  const int64_t max_blocks = ceil_div(p.seqlen_k, t.k) + 1;  // +1: a sink block of its own
+  int64_t chunks = std::min(ceil_div(16, units), max_blocks);
   // Each chunk holds a dQ-sized accumulator: cap their memory at 512 MiB (or one dQ).
   const int64_t bytes = p.total_q * p.heads_q * p.head_dim * 8;
   while (chunks > 1 && chunks * bytes > (int64_t(512) << 20)) --chunks;
