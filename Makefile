@@ -3,6 +3,8 @@
 #   make build   editable install (pip install --no-build-isolation -e .), incremental CMake in build/
 #   make test    venv + build + pytest
 #   make bench   venv + build + bench/compare.py
+#   make cuda-build  compile every CUDA source (no GPU needed): a second venv $(CUDA_VENV) with the
+#                CUDA build of torch, a wheel-style install into it, then an import check
 #   make clean   remove build outputs (keeps the venv); make distclean also removes the venv
 # Overridable: PYTHON, VENV, TORCH (e.g. TORCH=torch==2.14.1), PYTEST_ARGS, BENCH_ARGS,
 # MAX_JOBS, V=1 (verbose build), and the LONGATTN_* knobs read by setup.py.
@@ -21,7 +23,16 @@ STAMP := $(VENV)/.longattn-deps
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
-.PHONY: venv build check test bench info clean distclean
+# CUDA compile check: torch 2.14.1 is the CUDA 13.0 build; one architecture keeps CI short
+# (the full default set is LONGATTN_CUDA_ARCHS=80;90).
+CUDA_VENV   ?= .venv-cuda
+CUDA_TORCH  ?= torch==2.14.1
+CUDA_ARCHS  ?= 80
+CUDA_DEPS   ?= $(CUDA_TORCH) pybind11 cmake ninja nvidia-cutlass numpy
+CUDA_VPY    := $(CUDA_VENV)/bin/python
+CUDA_STAMP  := $(CUDA_VENV)/.longattn-deps
+
+.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build
 
 venv:
 	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
@@ -35,7 +46,25 @@ venv:
 
 build: venv
 	$(PIP) install --no-build-isolation --no-deps $(if $(filter 1,$(V)),-v,) -e .
-	@$(VPY) -c "import torch, longattn._C as C; print('longattn._C:', C.__file__); print('build_info:', C.build_info())"
+	@$(VPY) -c "import torch, longattn._C as C; print('longattn._C:', C.__file__); print('build_cuda-venv:
+	@if [ -x "$(CUDA_VPY)" ] && [ -f "$(CUDA_STAMP)" ] && [ "$$(cat $(CUDA_STAMP))" = "$(CUDA_DEPS)" ]; then \
+	  echo "venv $(CUDA_VENV): up to date"; \
+	else \
+	  set -e; \
+	  [ -x "$(CUDA_VPY)" ] || $(PYTHON) -m venv "$(CUDA_VENV)"; \
+	  $(CUDA_VPY) -m pip install -q --disable-pip-version-check $(CUDA_DEPS); \
+	  echo "$(CUDA_DEPS)" > "$(CUDA_STAMP)"; \
+	fi
+
+# Installs into $(CUDA_VENV)'s site-packages (not in place, so the CPU build's .so stays), then
+# imports it from outside the source tree: no GPU is needed to load the module.
+cuda-build: cuda-venv
+	LONGATTN_CUDA=1 LONGATTN_CUDA_ARCHS="$(CUDA_ARCHS)" $(CUDA_VPY) -m pip install -q \
+	  --disable-pip-version-check --no-build-isolation --no-deps .
+	cd /tmp && $(abspath $(CUDA_VPY)) -c "import torch, longattn; i = longattn.build_info(); \
+	  print('cuda build_info:', i); assert i['cuda'], 'built without CUDA'"
+
+info:', C.build_info())"
 
 # pytest only (no venv/build step). Collecting no test (exit 5) is a failure too.
 check:
@@ -46,6 +75,24 @@ test: venv build check
 bench: venv build
 	$(VPY) bench/compare.py $(BENCH_ARGS)
 
+cuda-venv:
+	@if [ -x "$(CUDA_VPY)" ] && [ -f "$(CUDA_STAMP)" ] && [ "$$(cat $(CUDA_STAMP))" = "$(CUDA_DEPS)" ]; then \
+	  echo "venv $(CUDA_VENV): up to date"; \
+	else \
+	  set -e; \
+	  [ -x "$(CUDA_VPY)" ] || $(PYTHON) -m venv "$(CUDA_VENV)"; \
+	  $(CUDA_VPY) -m pip install -q --disable-pip-version-check $(CUDA_DEPS); \
+	  echo "$(CUDA_DEPS)" > "$(CUDA_STAMP)"; \
+	fi
+
+# Installs into $(CUDA_VENV)'s site-packages (not in place, so the CPU build's .so stays), then
+# imports it from outside the source tree: no GPU is needed to load the module.
+cuda-build: cuda-venv
+	LONGATTN_CUDA=1 LONGATTN_CUDA_ARCHS="$(CUDA_ARCHS)" $(CUDA_VPY) -m pip install -q \
+	  --disable-pip-version-check --no-build-isolation --no-deps .
+	cd /tmp && $(abspath $(CUDA_VPY)) -c "import torch, longattn; i = longattn.build_info(); \
+	  print('cuda build_info:', i); assert i['cuda'], 'built without CUDA'"
+
 info:
 	@$(VPY) -c "import torch, longattn._C as C; print(C.build_info()); print(torch.__config__.parallel_info())"
 
@@ -54,4 +101,4 @@ clean:
 	find . \( -path './.venv*' -o -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(CUDA_VENV)
