@@ -81,37 +81,62 @@ void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
       const TileKind kind = mask.classify(p0, p1, s0, s0 + nk - 1);
       if (kind == TileKind::kEmpty) continue;
 
-      // S = Q K^T, with K packed transposed so the kernel streams rows of K^T.
+      // K packed transposed so the GEMM streams rows of K^T; V is read in place when it can be.
       int64_t ldk, ldv;
       const A* K = load_rows<T>(kp + j0 * p.k_row_stride, p.k_row_stride, nk, D, w.k.data(), &ldk);
       transpose<A>(K, ldk, nk, D, w.kt.data(), nk);
-      gemm<A>(nq, nk, D, Q, ldq, 1, w.kt.data(), nk, false, S, ldS);
-
-      for (int64_t r = 0; r < nq; ++r) {
-        A* x = S + r * ldS;
-        const int64_t pos = p0 + r;
-        const RowCtx rc{pos, s0, sp.scale * logn_factor(pos, sp.inv_log_logn_base), slope};
-        A mul = static_cast<A>(rc.row_scale);
-        if (!sp.plain()) {
-          transform_row<A>(x, nk, rc, sp, nullptr);
-          mul = A(1);
-        }
-        if (kind == TileKind::kPartial) mask_row<A>(x, nk, mask, pos, s0);
-        const A mx = row_max<A>(x, nk) * mul;
-        const A m_new = std::max(m[r], mx);
-        if (m_new == neg_inf<A>()) {  // nothing visible yet: contribute zeros
-          std::fill(x, x + nk, A(0));
-          continue;
-        }
-        const A alpha = std::exp(m[r] - m_new);
-        const A sum = exp_sum<A>(x, nk, mul, m_new);
-        l[r] = l[r] * alpha + sum;
-        if (alpha != A(1)) scale_row<A>(O + r * D, D, alpha);
-        m[r] = m_new;
-      }
-
       const A* V = load_rows<T>(vp + j0 * p.v_row_stride, p.v_row_stride, nk, D, w.v.data(), &ldv);
-      gemm<A>(nq, D, nk, S, ldS, 1, V, ldv, true, O, D);
+
+      // Rows [r0, r1) against tile columns [c0, c1): S = Q K^T, online softmax, O += P V.
+      auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool masked) {
+        const int64_t n = c1 - c0, sf = s0 + c0;
+        gemm<A>(r1 - r0, n, D, Q + r0 * ldq, ldq, 1, w.kt.data() + c0, nk, false, S + r0 * ldS, ldS);
+        for (int64_t r = r0; r < r1; ++r) {
+          A* x = S + r * ldS;
+          const int64_t pos = p0 + r;
+          const RowCtx rc{pos, sf, sp.scale * logn_factor(pos, sp.inv_log_logn_base), slope};
+          A mul = static_cast<A>(rc.row_scale);
+          if (!sp.plain()) {
+            transform_row<A>(x, n, rc, sp, nullptr);
+            mul = A(1);
+          }
+          if (masked) mask_row<A>(x, n, mask, pos, sf);
+          const A mx = row_max<A>(x, n) * mul;
+          const A m_new = std::max(m[r], mx);
+          if (m_new == neg_inf<A>()) {  // nothing visible yet: contribute zeros
+            std::fill(x, x + n, A(0));
+            continue;
+          }
+          const A alpha = std::exp(m[r] - m_new);
+          const A sum = exp_sum<A>(x, n, mul, m_new);
+          l[r] = l[r] * alpha + sum;
+          if (alpha != A(1)) scale_row<A>(O + r * D, D, alpha);
+          m[r] = m_new;
+        }
+        gemm<A>(r1 - r0, D, n, S + r0 * ldS, ldS, 1, V + c0 * ldv, ldv, true, O + r0 * D, D);
+      };
+
+      if (kind == TileKind::kFull) {
+        block(0, nq, 0, nk, false);
+        continue;
+      }
+      // A partial tile (a window edge, the causal diagonal) goes by groups of rows, each
+      // trimmed to the columns those rows can see: the masked triangles are not computed.
+      constexpr int64_t kRowGroup = 32;
+      for (int64_t r0 = 0; r0 < nq; r0 += kRowGroup) {
+        const int64_t r1 = std::min(nq, r0 + kRowGroup);
+        Range sink, band;
+        mask.key_ranges(i0 + r0, i0 + r1, si.k_len, &sink, &band);
+        const Range tile{j0, j0 + nk};
+        sink = intersect(sink, tile);
+        band = intersect(band, tile);
+        if (sink.empty() && band.empty()) continue;
+        const int64_t lo = sink.empty() ? band.lo : (band.empty() ? sink.lo : std::min(sink.lo, band.lo));
+        const int64_t hi = sink.empty() ? band.hi : (band.empty() ? sink.hi : std::max(sink.hi, band.hi));
+        const bool masked = mask.classify(p0 + r0, p0 + r1 - 1, mask.k_start + lo,
+                                          mask.k_start + hi - 1) != TileKind::kFull;
+        block(r0, r1, lo - j0, hi - j0, masked);
+      }
     }
   }
 
