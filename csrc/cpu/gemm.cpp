@@ -1,6 +1,7 @@
 #include "cpu/gemm.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -123,8 +124,62 @@ inline void row_blocks(int64_t m, int64_t k, const float* A, int64_t a_row, int6
   int64_t i = 0;
   for (; i + MR <= m; i += MR)
     kernel<MR, NV>(k, A + i * a_row, a_row, a_col, B, ldb, acc, C + i * ldc, ldc, tail);
-  for (; i < m; ++i)  // leftover rows one at a time
-    kernel<1, NV>(k, A + i * a_row, a_row, a_col, B, ldb, acc, C + i * ldc, ldc, tail);
+  // The leftover rows in one call: each row kernel alone would reload B per row.
+  const float* Ai = A + i * a_row;
+  float* Ci = C + i * ldc;
+  switch (m - i) {
+    case 0: break;
+    case 1: kernel<1, NV>(k, Ai, a_row, a_col, B, ldb, acc, Ci, ldc, tail); break;
+    case 2: kernel<2, NV>(k, Ai, a_row, a_col, B, ldb, acc, Ci, ldc, tail); break;
+    case 3: kernel<3, NV>(k, Ai, a_row, a_col, B, ldb, acc, Ci, ldc, tail); break;
+    case 4: kernel<4, NV>(k, Ai, a_row, a_col, B, ldb, acc, Ci, ldc, tail); break;
+    case 5: kernel<5, NV>(k, Ai, a_row, a_col, B, ldb, acc, Ci, ldc, tail); break;
+    default:  // MR > 6 only for narrow blocks: split the rest in halves
+      for (int64_t r = i; r < m; r += 4) {
+        const int64_t rows = std::min<int64_t>(4, m - r);
+        const float* Ar = A + r * a_row;
+        float* Cr = C + r * ldc;
+        if (rows == 4) kernel<4, NV>(k, Ar, a_row, a_col, B, ldb, acc, Cr, ldc, tail);
+        else if (rows == 3) kernel<3, NV>(k, Ar, a_row, a_col, B, ldb, acc, Cr, ldc, tail);
+        else if (rows == 2) kernel<2, NV>(k, Ar, a_row, a_col, B, ldb, acc, Cr, ldc, tail);
+        else kernel<1, NV>(k, Ar, a_row, a_col, B, ldb, acc, Cr, ldc, tail);
+      }
+  }
+}
+
+// In-register transpose of a 16 x 16 float block: 32-bit, then 64-bit interleaves, then two
+// rounds of 128-bit lane shuffles (64 shuffles per 256 elements instead of 256 scalar moves).
+inline void transpose16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // u[4g + c] holds, in each 128-bit lane k, column 4k + c of rows 4g..4g+3.
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    r[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; ++c) {
+    _mm512_storeu_ps(dst + c * ld_dst, _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88));
+    _mm512_storeu_ps(dst + (c + 8) * ld_dst, _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd));
+  }
 }
 
 void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col,
@@ -189,6 +244,14 @@ void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
     const int64_t r1 = std::min(rows, r0 + bs);
     for (int64_t c0 = 0; c0 < cols; c0 += bs) {
       const int64_t c1 = std::min(cols, c0 + bs);
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (r1 - r0 == bs && c1 - c0 == bs) {
+          transpose16x16(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
+          continue;
+        }
+      }
+#endif
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
     }
