@@ -179,43 +179,51 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
         const A* dO = load_rows<T>(static_cast<const T*>(g.dout) + ooff + i0 * ldo, ldo, nq, D,
                                    w.dout.data(), &lddo);
 
-        // P = exp(logits - lse), recomputed tile by tile.
-        gemm<A>(nq, nk, D, Q, ldq, 1, Kt, nk, false, S, ldS);
-        for (int64_t r = 0; r < nq; ++r) {
-          A* x = S + r * ldS;
-          const int64_t pos = p0 + r;
-          const A l = lse[i0 + r];
-          if (l == neg_inf<A>()) {  // fully masked row: no gradient
-            std::fill(x, x + nk, A(0));
-            continue;
+        // Rows [r0, r1) against key columns [c0, c1) of the block.
+        auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool masked) {
+          const int64_t n = c1 - c0, mr = r1 - r0, sf = s0 + c0;
+          A* Sb = S + r0 * ldS;
+          A* dPb = dP + r0 * ldS;
+          // P = exp(logits - lse), recomputed.
+          gemm<A>(mr, n, D, Q + r0 * ldq, ldq, 1, Kt + c0, nk, false, Sb, ldS);
+          for (int64_t r = r0; r < r1; ++r) {
+            A* x = S + r * ldS;
+            const int64_t pos = p0 + r;
+            const A l = lse[i0 + r];
+            if (l == neg_inf<A>()) {  // fully masked row: no gradient
+              std::fill(x, x + n, A(0));
+              continue;
+            }
+            const RowCtx rc{pos, sf, sp.scale * logn_factor(pos, sp.inv_log_logn_base), slope};
+            A mul = static_cast<A>(rc.row_scale);
+            if (!sp.plain()) {
+              transform_row<A>(x, n, rc, sp, G ? G + r * ldS : nullptr);
+              mul = A(1);
+            }
+            if (masked) mask_row<A>(x, n, mask, pos, sf);
+            exp_sum<A>(x, n, mul, l);
           }
-          const RowCtx rc{pos, s0, sp.scale * logn_factor(pos, sp.inv_log_logn_base), slope};
-          A mul = static_cast<A>(rc.row_scale);
-          if (!sp.plain()) {
-            transform_row<A>(x, nk, rc, sp, G ? G + r * ldS : nullptr);
-            mul = A(1);
+          // dP = dO V^T; dV += P^T dO.
+          gemm<A>(mr, n, D, dO + r0 * lddo, lddo, 1, Vt + c0, nk, false, dPb, ldS);
+          gemm<A>(n, D, mr, Sb, 1, ldS, dO + r0 * lddo, lddo, true, dV + c0 * D, D);
+          // dS = P (dP - delta), chained through softcap and the row scale back to q.k.
+          for (int64_t r = r0; r < r1; ++r) {
+            const A* pr = S + r * ldS;
+            A* ds = dP + r * ldS;
+            const A dr = lse[i0 + r] == neg_inf<A>() ? A(0) : delta[i0 + r];
+            const A rs = static_cast<A>(sp.scale * logn_factor(p0 + r, sp.inv_log_logn_base));
+            if (G) {
+              const A* gr = G + r * ldS;
+              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - dr) * gr[j] * rs;
+            } else {
+              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - dr) * rs;
+            }
           }
-          if (kind == TileKind::kPartial) mask_row<A>(x, nk, mask, pos, s0);
-          exp_sum<A>(x, nk, mul, l);
-        }
-        // dP = dO V^T; dV += P^T dO.
-        gemm<A>(nq, nk, D, dO, lddo, 1, Vt, nk, false, dP, ldS);
-        gemm<A>(nk, D, nq, S, 1, ldS, dO, lddo, true, dV, D);
-        // dS = P (dP - delta), chained through softcap and the row scale back to q.k.
-        for (int64_t r = 0; r < nq; ++r) {
-          const A* pr = S + r * ldS;
-          A* ds = dP + r * ldS;
-          const A dr = lse[i0 + r] == neg_inf<A>() ? A(0) : delta[i0 + r];
-          const A rs = static_cast<A>(sp.scale * logn_factor(p0 + r, sp.inv_log_logn_base));
-          if (G) {
-            const A* gr = G + r * ldS;
-            for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - dr) * gr[j] * rs;
-          } else {
-            for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - dr) * rs;
-          }
-        }
-        gemm<A>(nk, D, nq, dP, 1, ldS, Q, ldq, true, dK, D);
-        gemm<A>(nq, D, nk, dP, ldS, 1, K, ldk, true, dq_base + ooff + i0 * ldo, ldo);
+          gemm<A>(n, D, mr, dPb, 1, ldS, Q + r0 * ldq, ldq, true, dK + c0 * D, D);
+          gemm<A>(mr, D, n, dPb, ldS, 1, K + c0 * ldk, ldk, true,
+                  dq_base + ooff + (i0 + r0) * ldo, ldo);
+        };
+        for_each_row_group(mask, kind, i0, nq, j0, nk, si.k_len, block);
       }
     }
 

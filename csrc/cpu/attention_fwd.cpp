@@ -116,27 +116,7 @@ void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
         gemm<A>(r1 - r0, D, n, S + r0 * ldS, ldS, 1, V + c0 * ldv, ldv, true, O + r0 * D, D);
       };
 
-      if (kind == TileKind::kFull) {
-        block(0, nq, 0, nk, false);
-        continue;
-      }
-      // A partial tile (a window edge, the causal diagonal) goes by groups of rows, each
-      // trimmed to the columns those rows can see: the masked triangles are not computed.
-      constexpr int64_t kRowGroup = 32;
-      for (int64_t r0 = 0; r0 < nq; r0 += kRowGroup) {
-        const int64_t r1 = std::min(nq, r0 + kRowGroup);
-        Range sink, band;
-        mask.key_ranges(i0 + r0, i0 + r1, si.k_len, &sink, &band);
-        const Range tile{j0, j0 + nk};
-        sink = intersect(sink, tile);
-        band = intersect(band, tile);
-        if (sink.empty() && band.empty()) continue;
-        const int64_t lo = sink.empty() ? band.lo : (band.empty() ? sink.lo : std::min(sink.lo, band.lo));
-        const int64_t hi = sink.empty() ? band.hi : (band.empty() ? sink.hi : std::max(sink.hi, band.hi));
-        const bool masked = mask.classify(p0 + r0, p0 + r1 - 1, mask.k_start + lo,
-                                          mask.k_start + hi - 1) != TileKind::kFull;
-        block(r0, r1, lo - j0, hi - j0, masked);
-      }
+      for_each_row_group(mask, kind, i0, nq, j0, nk, si.k_len, block);
     }
   }
 

@@ -96,4 +96,34 @@ inline bool mask_row(A* x, int64_t n, const MaskParams& m, int64_t p, int64_t s_
   return true;
 }
 
+// Visit the work of one score tile: query rows [0, nq) of a query tile starting at row i0,
+// keys [j0, j0 + nk). A full tile is one block; a partial tile (a window edge, the causal
+// diagonal) goes by groups of rows, each trimmed to the hull of the keys those rows can see,
+// so the masked triangles are not computed. body(r0, r1, c0, c1, masked) gets tile-relative
+// rows and columns and whether per-element masking is still needed.
+template <typename Body>
+inline void for_each_row_group(const MaskParams& m, TileKind kind, int64_t i0, int64_t nq,
+                               int64_t j0, int64_t nk, int64_t k_len, Body&& body) {
+  if (kind == TileKind::kFull) {
+    body(int64_t(0), nq, int64_t(0), nk, false);
+    return;
+  }
+  constexpr int64_t kRowGroup = 32;
+  const Range tile{j0, j0 + nk};
+  for (int64_t r0 = 0; r0 < nq; r0 += kRowGroup) {
+    const int64_t r1 = std::min(nq, r0 + kRowGroup);
+    Range sink, band;
+    m.key_ranges(i0 + r0, i0 + r1, k_len, &sink, &band);
+    sink = intersect(sink, tile);
+    band = intersect(band, tile);
+    if (sink.empty() && band.empty()) continue;
+    const int64_t lo = sink.empty() ? band.lo : (band.empty() ? sink.lo : std::min(sink.lo, band.lo));
+    const int64_t hi = sink.empty() ? band.hi : (band.empty() ? sink.hi : std::max(sink.hi, band.hi));
+    const int64_t p0 = m.q_start + i0;
+    const bool masked = m.classify(p0 + r0, p0 + r1 - 1, m.k_start + lo, m.k_start + hi - 1) !=
+                        TileKind::kFull;
+    body(r0, r1, lo - j0, hi - j0, masked);
+  }
+}
+
 }  // namespace longattn::cpu
