@@ -395,15 +395,15 @@ class _Comm:
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _META_NAMES = ("batch", "heads_q", "heads_kv", "head_dim", "dtype", "device type", "layout",
                "mode", "causal", "window left", "window right", "sinks", "scale", "softcap",
-               "logn_base", "alibi_slopes given", "requires_grad")
+               "logn_base", "alibi_slopes given", "sink_logits given", "requires_grad")
 
 
 def _f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _local_meta(q, k, v, alibi, layout, mode, causal, left, right, sinks, scale, softcap,
-                logn_base, need_grad) -> Tuple[int, List[int]]:
+def _local_meta(q, k, v, alibi, sink_logits, layout, mode, causal, left, right, sinks, scale,
+                softcap, logn_base, need_grad) -> Tuple[int, List[int]]:
     """Checks what a rank can check alone; returns (local length, the values all ranks must
     share). Raises ValueError."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -429,10 +429,11 @@ def _local_meta(q, k, v, alibi, layout, mode, causal, left, right, sinks, scale,
                          f"({k.shape[2]})")
     if not 1 <= D <= 256:
         raise ValueError(f"ring_attention: head_dim must be in [1, 256], got {D}")
-    if alibi is not None and (alibi.dtype != torch.float32 or tuple(alibi.shape) != (H,)
-                              or alibi.device != q.device):
-        raise ValueError(f"ring_attention: alibi_slopes must be float32 of shape ({H},) on "
-                         f"q's device, got {alibi.dtype} {tuple(alibi.shape)} on {alibi.device}")
+    for name, t in (("alibi_slopes", alibi), ("sink_logits", sink_logits)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (H,)
+                              or t.device != q.device):
+            raise ValueError(f"ring_attention: {name} must be float32 of shape ({H},) on q's "
+                             f"device, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if layout == "stripe" and (alibi is not None or logn_base):
         raise ValueError("ring_attention: alibi_slopes and logn_base read absolute positions "
                          "and are not supported with layout='stripe' (use 'zigzag' or "
@@ -440,12 +441,13 @@ def _local_meta(q, k, v, alibi, layout, mode, causal, left, right, sinks, scale,
     dev = {"cpu": 0, "cuda": 1}.get(q.device.type, 2)
     shared = [B, H, k.shape[2], D, _DTYPES.index(q.dtype), dev, LAYOUTS.index(layout),
               MODES.index(mode), int(causal), left, right, sinks, _f64_bits(scale),
-              _f64_bits(softcap), _f64_bits(logn_base), int(alibi is not None), int(need_grad)]
+              _f64_bits(softcap), _f64_bits(logn_base), int(alibi is not None),
+              int(sink_logits is not None), int(need_grad)]
     return n, shared
 
 
-def _setup(q, k, v, alibi, group_name, layout, mode, causal, left, right, sinks, scale,
-           softcap, logn_base, timeout_s, need_grad, arg_error):
+def _setup(q, k, v, alibi, sink_logits, group_name, layout, mode, causal, left, right, sinks,
+           scale, softcap, logn_base, timeout_s, need_grad, arg_error):
     """Resolve the group, exchange and check metadata; every rank raises the same error on a
     mismatch (nobody is left waiting). Returns (comm, lengths)."""
     group = _group_from_name(group_name)
@@ -456,8 +458,8 @@ def _setup(q, k, v, alibi, group_name, layout, mode, causal, left, right, sinks,
     n, shared = 0, [0] * len(_META_NAMES)
     if error is None:
         try:
-            n, shared = _local_meta(q, k, v, alibi, layout, mode, causal, left, right, sinks,
-                                    scale, softcap, logn_base, need_grad)
+            n, shared = _local_meta(q, k, v, alibi, sink_logits, layout, mode, causal, left,
+                                    right, sinks, scale, softcap, logn_base, need_grad)
         except ValueError as e:
             error = e
     if world == 1:
@@ -583,8 +585,7 @@ def _ring_forward(comm: _Comm, plan_: RingPlan, kern: _Kernel, q, k, v):
         for blk in [b for b in held if last_use.get(b, -1) <= h and b != r]:
             held.pop(blk)
             wire.pop(blk, None)
-    out = acc.out.to(q.dtype)
-    return out, acc.lse
+    return acc.out, acc.lse
 
 
 def _by_step(msgs, W):
@@ -711,7 +712,7 @@ def _allgather_forward(comm, plan_, kern, q, k, v):
         for c in plan_.calls[r][o]:
             out, lse = kern.fwd(q[:, c.q0:c.q1], kv[0, :, c.k0:c.k1], kv[1, :, c.k0:c.k1], c)
             acc.add(c.q0, c.q1, out, lse)
-    return acc.out.to(q.dtype), acc.lse
+    return acc.out, acc.lse
 
 
 def _allgather_backward(comm, plan_, kern, dout, dlse, q, k, v, out, lse):
@@ -752,11 +753,12 @@ def _allgather_backward(comm, plan_, kern, dout, dlse, q, k, v, out, lse):
 # Custom ops and autograd
 # ----------------------------------------------------------------------------------------------
 
-def _state(q, k, v, alibi, group_name, layout, mode, causal, left, right, sinks, scale,
-           softcap, logn_base, timeout_s, lengths=None, need_grad=False, arg_error=""):
+def _state(q, k, v, alibi, sink_logits, group_name, layout, mode, causal, left, right, sinks,
+           scale, softcap, logn_base, timeout_s, lengths=None, need_grad=False, arg_error=""):
     if lengths is None:
-        comm, lengths = _setup(q, k, v, alibi, group_name, layout, mode, causal, left, right,
-                               sinks, scale, softcap, logn_base, timeout_s, need_grad, arg_error)
+        comm, lengths = _setup(q, k, v, alibi, sink_logits, group_name, layout, mode, causal,
+                               left, right, sinks, scale, softcap, logn_base, timeout_s,
+                               need_grad, arg_error)
     else:
         group = _group_from_name(group_name)
         comm = _Comm(group, dist.get_rank(group), dist.get_world_size(group),
@@ -768,22 +770,30 @@ def _state(q, k, v, alibi, group_name, layout, mode, causal, left, right, sinks,
 
 @torch.library.custom_op("longattn::ring_attention", mutates_args=())
 def _ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       alibi_slopes: Optional[torch.Tensor], group_name: str, layout: str,
+                       alibi_slopes: Optional[torch.Tensor],
+                       sink_logits: Optional[torch.Tensor], group_name: str, layout: str,
                        mode: str, causal: bool, window_left: int, window_right: int, sinks: int,
                        scale: float, softcap: float, logn_base: float, timeout_s: float,
                        need_grad: bool, arg_error: str
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    comm, plan_, kern = _state(q, k, v, alibi_slopes, group_name, layout, mode, causal,
-                               window_left, window_right, sinks, scale, softcap, logn_base,
-                               timeout_s, None, need_grad, arg_error)
+    comm, plan_, kern = _state(q, k, v, alibi_slopes, sink_logits, group_name, layout, mode,
+                               causal, window_left, window_right, sinks, scale, softcap,
+                               logn_base, timeout_s, None, need_grad, arg_error)
     with torch.no_grad():
         fn = _ring_forward if mode == "ring" else _allgather_forward
         out, lse = fn(comm, plan_, kern, q, k, v)
-    return out, lse, torch.tensor(plan_.lengths, dtype=torch.int64)
+        if sink_logits is not None:
+            # The learned sink is one more denominator term with no value: merge it once, as a
+            # partial with out = 0 and lse = z, after the ring.
+            z = sink_logits.to(lse.dtype).view(1, -1, 1)
+            new = torch.logaddexp(lse, z)
+            out = out * torch.exp(lse - new).transpose(1, 2).unsqueeze(-1)
+            lse = new
+    return out.to(q.dtype), lse, torch.tensor(plan_.lengths, dtype=torch.int64)
 
 
 @_ring_attention_op.register_fake
-def _(q, k, v, alibi_slopes, group_name, layout, mode, *args):
+def _(q, k, v, alibi_slopes, sink_logits, group_name, layout, mode, *args):
     world = dist.get_world_size(_group_from_name(group_name))
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_acc_dtype(q))
     return q.new_empty(q.shape), lse, torch.empty(world, dtype=torch.int64, device="cpu")
@@ -793,38 +803,52 @@ def _(q, k, v, alibi_slopes, group_name, layout, mode, *args):
 def _ring_attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor],
                                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 out: torch.Tensor, lse: torch.Tensor, lengths: torch.Tensor,
-                                alibi_slopes: Optional[torch.Tensor], group_name: str,
+                                alibi_slopes: Optional[torch.Tensor],
+                                sink_logits: Optional[torch.Tensor], group_name: str,
                                 layout: str, mode: str, causal: bool, window_left: int,
                                 window_right: int, sinks: int, scale: float, softcap: float,
                                 logn_base: float, timeout_s: float
-                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    comm, plan_, kern = _state(q, k, v, alibi_slopes, group_name, layout, mode, causal,
-                               window_left, window_right, sinks, scale, softcap, logn_base,
-                               timeout_s, lengths.tolist())
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor]:
+    comm, plan_, kern = _state(q, k, v, alibi_slopes, sink_logits, group_name, layout, mode,
+                               causal, window_left, window_right, sinks, scale, softcap,
+                               logn_base, timeout_s, lengths.tolist())
     with torch.no_grad():
         fn = _ring_backward if mode == "ring" else _allgather_backward
-        return fn(comm, plan_, kern, dout.contiguous(), dlse, q, k, v, out, lse)
+        dq, dk, dv = fn(comm, plan_, kern, dout.contiguous(), dlse, q, k, v, out, lse)
+        if sink_logits is None:
+            return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+        # dz = -sum_i P_sink_i * delta_i over this rank's rows: like any parameter replicated
+        # across the group, the full gradient is the sum over ranks.
+        adt = lse.dtype
+        delta = (dout.to(adt) * out.to(adt)).sum(-1).transpose(1, 2)
+        if dlse is not None:
+            delta = delta - dlse.to(adt)
+        p_sink = torch.exp(sink_logits.to(adt).view(1, -1, 1) - lse)
+        dsink = -(p_sink * delta).sum(dim=(0, 2))
+    return dq, dk, dv, dsink.to(torch.float32)
 
 
 @_ring_attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, *args):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, dlse, q, k, v, out, lse, lengths, alibi_slopes, sink_logits, *args):
+    dsink = q.new_empty((q.shape[2],) if sink_logits is not None else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi = inputs[:4]
+    q, k, v, alibi, sink_logits = inputs[:5]
     out, lse, lengths = output
-    ctx.save_for_backward(q, k, v, out, lse, lengths, alibi)
-    ctx.options = inputs[4:15]   # group_name .. timeout_s
+    ctx.save_for_backward(q, k, v, out, lse, lengths, alibi, sink_logits)
+    ctx.options = inputs[5:16]   # group_name .. timeout_s
 
 
 def _backward(ctx, dout, dlse, _dlengths):
-    q, k, v, out, lse, lengths, alibi = ctx.saved_tensors
+    q, k, v, out, lse, lengths, alibi, sink_logits = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _ring_attention_backward_op(dout, dlse, q, k, v, out, lse, lengths, alibi,
-                                             *ctx.options)
-    return (dq, dk, dv) + (None,) * 14
+    dq, dk, dv, dsink = _ring_attention_backward_op(dout, dlse, q, k, v, out, lse, lengths,
+                                                    alibi, sink_logits, *ctx.options)
+    return (dq, dk, dv, None, dsink if sink_logits is not None else None) + (None,) * 13
 
 
 torch.library.register_autograd("longattn::ring_attention", _backward,
@@ -843,6 +867,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
                    causal: bool = True, window=None, sinks: int = 0, layout: str = "zigzag",
                    scale: Optional[float] = None, softcap: float = 0.0,
                    alibi_slopes: Optional[torch.Tensor] = None,
+                   sink_logits: Optional[torch.Tensor] = None,
                    logn_base: Optional[float] = None, mode: str = "ring",
                    timeout: Union[None, float, datetime.timedelta] = None,
                    return_lse: bool = False):
@@ -853,9 +878,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
             heads: GQA sends only those). Cut the full sequence with :func:`shard` (same
             ``layout``); every rank passes the same dtype, batch, heads and options.
         group: the process group (default: the world). gloo takes CPU tensors, NCCL CUDA ones.
-        causal, window, sinks, scale, softcap, alibi_slopes, logn_base: as
+        causal, window, sinks, scale, softcap, alibi_slopes, sink_logits, logn_base: as
             :func:`longattn.attention`, on global positions (token t of the full sequence sits
             at position t). ``alibi_slopes`` and ``logn_base`` need a unit-stride layout.
+            ``sink_logits`` (replicated on every rank) gets this rank's share of its gradient;
+            sum it over the group as for any replicated parameter.
         layout: ``"zigzag"`` (default; balanced for causal), ``"contiguous"`` or ``"stripe"``.
         mode: ``"ring"`` (K/V travel rank to rank, overlapped with compute, mask-aware) or
             ``"allgather"`` (gather all K/V once, then attend locally: fewer, larger messages;
@@ -894,7 +921,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
         timeout = timeout.total_seconds()
     bad_int = not _is_int(sinks) or sinks < 0
     out, lse, _ = _ring_attention_op(
-        q, k, v, alibi_slopes, group_name, layout if layout in LAYOUTS else LAYOUTS[0],
+        q, k, v, alibi_slopes, sink_logits, group_name, layout if layout in LAYOUTS else LAYOUTS[0],
         mode if mode in MODES else MODES[0], bool(causal), left, right,
         0 if bad_int else int(sinks),
         float(scale) if scale is not None and not err else 1.0 / math.sqrt(q.shape[-1]),
