@@ -228,20 +228,33 @@ def _pair_call(qp: Piece, kp: Piece, causal: bool, left: int, right: int,
     n_sink = max(0, -((b - sinks) // S))          # keys j with b + S*j < sinks
     ksinks = ks + n_sink if n_sink else 0
 
+    # Kernel coordinates from here on. Spans (q first, q last, k first, k last) of what the
+    # window and the sinks make visible; the call covers their hull, so a narrow window also
+    # trims the rows computed, merged and sent.
     p0, p1 = qs, qs + qp.length - 1
     s0, s1 = ks, ks + kp.length - 1
     r_eff = min(kr, 0) if causal else kr
-    window_ok = kl + r_eff >= 0 and max(p0, s0 - r_eff) <= min(p1, s1 + kl)
-    sink_ok = n_sink > 0 and (not causal or s0 <= p1)
-    q0, q1 = qp.offset, qp.offset + qp.length
-    if window_ok:
-        return _Call(q0, q1, kp.offset, kp.offset + kp.length, qs, ks, kl, kr, ksinks)
-    if sink_ok:
-        # Only sink keys are visible (the window misses this block): attend to them alone,
-        # which also avoids an empty (left + right < 0) window in stripe coordinates.
-        m = min(kp.length, n_sink)
-        return _Call(q0, q1, kp.offset, kp.offset + m, qs, ks, UNBOUNDED, UNBOUNDED, 0)
-    return None
+    window_span = None
+    if kl + r_eff >= 0:
+        wq0, wq1 = max(p0, s0 - r_eff), min(p1, s1 + kl)
+        if wq0 <= wq1:
+            window_span = (wq0, wq1, max(s0, wq0 - kl), min(s1, wq1 + r_eff))
+    sink_span = None
+    if n_sink > 0 and (not causal or s0 <= p1):
+        last_sink = min(s1, ksinks - 1, p1 if causal else s1)
+        sink_span = (max(p0, s0) if causal else p0, p1, s0, last_sink)
+    if window_span is None and sink_span is None:
+        return None
+    if window_span is None:
+        # Only sink keys are visible: attend to them alone with no window, which also avoids
+        # an empty (left + right < 0) window in stripe coordinates.
+        spans, kl, kr, ksinks = [sink_span], UNBOUNDED, UNBOUNDED, 0
+    else:
+        spans = [sp for sp in (window_span, sink_span) if sp is not None]
+    qlo, qhi = min(sp[0] for sp in spans), max(sp[1] for sp in spans)
+    klo, khi = min(sp[2] for sp in spans), max(sp[3] for sp in spans)
+    return _Call(qp.offset + qlo - qs, qp.offset + qhi - qs + 1, kp.offset + klo - ks,
+                 kp.offset + khi - ks + 1, qlo, klo, kl, kr, ksinks)
 
 
 class _Msg(NamedTuple):
@@ -257,11 +270,13 @@ class RingPlan:
     """The schedule every rank derives from the lengths and the mask.
 
     ``calls[r][o]``: kernel calls of rank r against block o (empty: hop skipped).
+    ``ranges[o]``: the rows [lo, hi) of block o that other ranks read, the only ones sent.
     ``fwd_msgs`` / ``bwd_msgs``: all transfers, forward and backward.
     """
     world_size: int
     lengths: Tuple[int, ...]
     calls: Tuple[Tuple[Tuple[_Call, ...], ...], ...]
+    ranges: Tuple[Tuple[int, int], ...]
     fwd_msgs: Tuple[_Msg, ...]
     bwd_msgs: Tuple[_Msg, ...]
 
@@ -288,6 +303,13 @@ class RingPlan:
         full = self.world_size * (self.world_size - 1)
         return 1.0 - self.transfers / full if full else 0.0
 
+    @property
+    def traffic_fraction(self) -> float:
+        """K/V rows sent in the forward over those of a full ring ((W - 1) * L)."""
+        full = (self.world_size - 1) * sum(self.lengths)
+        sent = sum(self.ranges[m.block][1] - self.ranges[m.block][0] for m in self.fwd_msgs)
+        return sent / full if full else 0.0
+
     def need(self, rank: int, block: int) -> bool:
         return bool(self.calls[rank][block])
 
@@ -302,10 +324,12 @@ def _make_plan(layout: str, lengths: Tuple[int, ...], causal: bool, left: int, r
                     if (c := _pair_call(qp, kp, causal, left, right, sinks)) is not None)
               for o in range(W))
         for r in range(W))
-    fwd, bwd = [], []
+    fwd, bwd, ranges = [], [], []
     for o in range(W):
         # Hops (ring distance from the owner) at which block o is used, the owner excluded.
         users = [h for h in range(1, W) if calls[(o + h) % W][o]]
+        read = [(c.k0, c.k1) for h in users for c in calls[(o + h) % W][o]]
+        ranges.append((min(a for a, _ in read), max(b for _, b in read)) if read else (0, 0))
         prev = 0
         for h in users:
             # K/V from the last holder straight to the next user; it lands for step h.
@@ -319,7 +343,8 @@ def _make_plan(layout: str, lengths: Tuple[int, ...], causal: bool, left: int, r
         if prev:
             bwd.append(_Msg(prev + 1, 2, o, (o + prev) % W, o))
     key = lambda m: (m.step, m.kind, m.block)  # noqa: E731  (the canonical posting order)
-    return RingPlan(W, lengths, calls, tuple(sorted(fwd, key=key)), tuple(sorted(bwd, key=key)))
+    return RingPlan(W, lengths, calls, tuple(ranges), tuple(sorted(fwd, key=key)),
+                    tuple(sorted(bwd, key=key)))
 
 
 def plan(lengths: Union[int, Sequence[int]], world_size: Optional[int] = None,
@@ -528,11 +553,12 @@ class _Accumulator:
         self.dtype = _acc_dtype(q)
         self.out = torch.zeros(B, n, H, D, dtype=self.dtype, device=q.device)
         self.lse = torch.full((B, H, n), _NEG_INF, dtype=self.dtype, device=q.device)
-        self.filled = set()
+        self.written = []     # row spans merged so far (host-side: the test never syncs a GPU)
 
     def add(self, q0: int, q1: int, out: torch.Tensor, lse: torch.Tensor):
-        if q0 not in self.filled:          # first contribution to these rows: a copy
-            self.filled.add(q0)
+        first = not any(a < q1 and q0 < b for a, b in self.written)
+        self.written.append((q0, q1))
+        if first:                      # first contribution to these rows: a copy
             self.out[:, q0:q1] = out
             self.lse[:, :, q0:q1] = lse
             return
@@ -547,45 +573,42 @@ class _Accumulator:
         acc_lse.copy_(new)
 
 
-def _q_rows(t: torch.Tensor, q0: int, q1: int, seq_dim: int) -> torch.Tensor:
-    return t.narrow(seq_dim, q0, q1 - q0)
+class _Blocks:
+    """K/V blocks a rank holds: its own (all rows) and received ones (only the rows
+    ``plan.ranges`` says others read), addressed in the owner's row numbers."""
 
+    def __init__(self, plan_: RingPlan, rank: int, k, v, msgs):
+        self.plan, self.rank = plan_, rank
+        self.held = {rank: (k, v, 0)}
+        self.wire = {}
+        if any(m.kind == 0 and m.src == rank for m in msgs):
+            lo, hi = plan_.ranges[rank]
+            self.wire[rank] = torch.stack([k[:, lo:hi], v[:, lo:hi]])   # one message for K, V
+        self.last_use = {}            # last step that reads each block (compute or send)
+        W = plan_.world_size
+        for o in range(W):
+            if plan_.calls[rank][o]:
+                self.last_use[o] = (rank - o) % W
+        for m in msgs:
+            if m.kind == 0 and m.src == rank:
+                self.last_use[m.block] = max(self.last_use.get(m.block, -1), m.step)
 
-def _ring_forward(comm: _Comm, plan_: RingPlan, kern: _Kernel, q, k, v):
-    r, W = comm.rank, comm.world
-    acc = _Accumulator(q)
-    lengths = plan_.lengths
-    held = {r: (k, v)}
-    wire = {}
-    if any(m.src == r for m in plan_.fwd_msgs):
-        wire[r] = torch.stack([k, v])     # one contiguous message for K and V
+    def shape(self, block, like):
+        lo, hi = self.plan.ranges[block]
+        return (2, like.shape[0], hi - lo) + tuple(like.shape[2:])
 
-    def payload(m):
-        return wire[m.block]
+    def receive(self, block, buf):
+        self.wire[block] = buf
+        self.held[block] = (buf[0], buf[1], self.plan.ranges[block][0])
 
-    def alloc(m):
-        return torch.empty((2, q.shape[0], lengths[m.block], k.shape[2], k.shape[3]),
-                           dtype=k.dtype, device=k.device)
+    def rows(self, block, c: _Call):
+        k, v, base = self.held[block]
+        return k[:, c.k0 - base:c.k1 - base], v[:, c.k0 - base:c.k1 - base]
 
-    by_step = _by_step(plan_.fwd_msgs, W)
-    last_use = _last_use(plan_, r, plan_.fwd_msgs)
-    for h in range(W):
-        works, received, keep = comm.exchange(by_step[h], payload, alloc)
-        o = (r - h) % W
-        if plan_.calls[r][o]:
-            kb, vb = held[o]
-            for c in plan_.calls[r][o]:
-                out, lse = kern.fwd(q[:, c.q0:c.q1], kb[:, c.k0:c.k1], vb[:, c.k0:c.k1], c)
-                acc.add(c.q0, c.q1, out, lse)
-        comm.wait(works, f"K/V blocks of step {h + 1} of {W}")
-        del keep
-        for (kind, blk), t in received.items():
-            wire[blk] = t
-            held[blk] = (t[0], t[1])
-        for blk in [b for b in held if last_use.get(b, -1) <= h and b != r]:
-            held.pop(blk)
-            wire.pop(blk, None)
-    return acc.out, acc.lse
+    def release(self, step):
+        for b in [b for b in self.held if b != self.rank and self.last_use.get(b, -1) <= step]:
+            self.held.pop(b)
+            self.wire.pop(b, None)
 
 
 def _by_step(msgs, W):
@@ -595,100 +618,80 @@ def _by_step(msgs, W):
     return steps
 
 
-def _last_use(plan_: RingPlan, r: int, msgs) -> dict:
-    """Last step in which rank r reads each block it holds (its compute or a K/V send)."""
-    W = plan_.world_size
-    last = {}
-    for o in range(W):
-        if plan_.calls[r][o]:
-            last[o] = (r - o) % W
-    for m in msgs:
-        if m.kind == 0 and m.src == r:
-            last[m.block] = max(last.get(m.block, -1), m.step)
-    return last
+def _ring_forward(comm: _Comm, plan_: RingPlan, kern: _Kernel, q, k, v):
+    r, W = comm.rank, comm.world
+    acc = _Accumulator(q)
+    blocks = _Blocks(plan_, r, k, v, plan_.fwd_msgs)
+    by_step = _by_step(plan_.fwd_msgs, W)
+    for h in range(W):
+        works, received, keep = comm.exchange(
+            by_step[h], lambda m: blocks.wire[m.block],
+            lambda m: torch.empty(blocks.shape(m.block, k), dtype=k.dtype, device=k.device))
+        o = (r - h) % W
+        for c in plan_.calls[r][o]:
+            out, lse = kern.fwd(q[:, c.q0:c.q1], *blocks.rows(o, c), c)
+            acc.add(c.q0, c.q1, out, lse)
+        comm.wait(works, f"K/V blocks of step {h + 1} of {W}")
+        del keep
+        for (_, blk), t in received.items():
+            blocks.receive(blk, t)
+        blocks.release(h)
+    return acc.out, acc.lse
 
 
 def _ring_backward(comm: _Comm, plan_: RingPlan, kern: _Kernel, dout, dlse, q, k, v, out, lse):
     r, W = comm.rank, comm.world
-    lengths = plan_.lengths
     adt = _acc_dtype(q)
-    B, _, Hk, D = k.shape
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     dkv_own = torch.zeros((2,) + tuple(k.shape), dtype=adt, device=k.device)
-    rows = _RowCache(dout, dlse, q, out, lse)
-    held = {r: (k, v)}
-    wire = {}
-    if any(m.kind == 0 and m.src == r for m in plan_.bwd_msgs):
-        wire[r] = torch.stack([k, v])
-    pending = {}  # block -> dK/dV accumulated here, waiting to travel on
-
-    def payload(m):
-        return wire[m.block] if m.kind == 0 else pending[m.block]
+    blocks = _Blocks(plan_, r, k, v, plan_.bwd_msgs)
+    pending = {}  # block -> dK/dV (over the block's sent rows) accumulated here, to travel on
 
     def alloc(m):
-        shape = (2, B, lengths[m.block], Hk, D)
-        if m.kind == 0:
-            return torch.empty(shape, dtype=k.dtype, device=k.device)
-        return torch.empty(shape, dtype=adt, device=k.device)
+        return torch.empty(blocks.shape(m.block, k), dtype=k.dtype if m.kind == 0 else adt,
+                           device=k.device)
 
     by_step = _by_step(plan_.bwd_msgs, W)
-    last_use = _last_use(plan_, r, plan_.bwd_msgs)
     for h in range(W + 1):
-        works, received, keep = comm.exchange(by_step[h], payload, alloc)
+        works, received, keep = comm.exchange(
+            by_step[h], lambda m: blocks.wire[m.block] if m.kind == 0 else pending[m.block],
+            alloc)
         o = (r - h) % W
-        dkv = None
+        dkv, base = None, 0
         if h < W and plan_.calls[r][o]:
-            dkv = dkv_own if h == 0 else torch.zeros((2, B, lengths[o], Hk, D), dtype=adt,
-                                                      device=k.device)
-            kb, vb = held[o]
+            if h == 0:
+                dkv = dkv_own
+            else:
+                dkv = torch.zeros(blocks.shape(o, k), dtype=adt, device=k.device)
+                base = plan_.ranges[o][0]
             for c in plan_.calls[r][o]:
-                do_, dl_, q_, o_, l_ = rows.get(c.q0, c.q1)
-                dq_c, dk_c, dv_c, _ = kern.bwd(do_, dl_, q_, kb[:, c.k0:c.k1], vb[:, c.k0:c.k1],
-                                               o_, l_, c)
+                lse_c = lse[:, :, c.q0:c.q1]
+                dl_c = None if dlse is None else dlse[:, :, c.q0:c.q1]
+                dq_c, dk_c, dv_c, _ = kern.bwd(dout[:, c.q0:c.q1], dl_c, q[:, c.q0:c.q1],
+                                               *blocks.rows(o, c), out[:, c.q0:c.q1], lse_c, c)
                 dq[:, c.q0:c.q1] += dq_c
-                dkv[0, :, c.k0:c.k1] += dk_c
-                dkv[1, :, c.k0:c.k1] += dv_c
+                dkv[0, :, c.k0 - base:c.k1 - base] += dk_c
+                dkv[1, :, c.k0 - base:c.k1 - base] += dv_c
         what = "the final dK/dV returns" if h == W else f"K/V and dK/dV of step {h + 1} of {W}"
         comm.wait(works, what)
-        # Sent accumulators are done with once their sends completed.
-        for m in by_step[h]:
+        for m in by_step[h]:          # accumulators sent on are done with
             if m.src == r and m.kind in (1, 2):
                 pending.pop(m.block)
         del keep
         for (kind, blk), t in received.items():
             if kind == 0:
-                wire[blk] = t
-                held[blk] = (t[0], t[1])
+                blocks.receive(blk, t)
             elif kind == 1:
                 dkv += t          # the previous users' share of the block just computed
             else:
-                dkv_own += t      # this rank's block, home from its last user
+                lo, hi = plan_.ranges[r]
+                dkv_own[:, :, lo:hi] += t     # this rank's block, home from its last user
         if dkv is not None and h > 0:
             pending[o] = dkv
-        for blk in [b for b in held if last_use.get(b, -1) <= h and b != r]:
-            held.pop(blk)
-            wire.pop(blk, None)
+        blocks.release(h)
     assert not pending, "ring_attention: internal error, dK/dV left unsent"
     dk, dv = dkv_own[0], dkv_own[1]
     return (dq.to(q.dtype), dk.to(k.dtype, copy=True), dv.to(v.dtype, copy=True))
-
-
-class _RowCache:
-    """Contiguous per-piece rows of the saved tensors, cut once rather than once per call."""
-
-    def __init__(self, dout, dlse, q, out, lse):
-        self.t = (dout, dlse, q, out, lse)
-        self.cache = {}
-
-    def get(self, q0, q1):
-        key = (q0, q1)
-        if key not in self.cache:
-            dout, dlse, q, out, lse = self.t
-            whole = q0 == 0 and q1 == q.shape[1]
-            cut = (lambda x, dim: x if x is None or whole else  # noqa: E731
-                   _q_rows(x, q0, q1, dim).contiguous())
-            self.cache[key] = (cut(dout, 1), cut(dlse, 2), cut(q, 1), cut(out, 1), cut(lse, 2))
-        return self.cache[key]
 
 
 def _gather_blocks(comm: _Comm, plan_: RingPlan, k, v):
@@ -722,12 +725,12 @@ def _allgather_backward(comm, plan_, kern, dout, dlse, q, k, v, out, lse):
     n_max = max(plan_.lengths)
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     dkv = torch.zeros((W, 2, k.shape[0], n_max) + tuple(k.shape[2:]), dtype=adt, device=k.device)
-    rows = _RowCache(dout, dlse, q, out, lse)
     for o, kv in enumerate(blocks):
         for c in plan_.calls[r][o]:
-            do_, dl_, q_, o_, l_ = rows.get(c.q0, c.q1)
-            dq_c, dk_c, dv_c, _ = kern.bwd(do_, dl_, q_, kv[0, :, c.k0:c.k1],
-                                           kv[1, :, c.k0:c.k1], o_, l_, c)
+            dl_c = None if dlse is None else dlse[:, :, c.q0:c.q1]
+            dq_c, dk_c, dv_c, _ = kern.bwd(dout[:, c.q0:c.q1], dl_c, q[:, c.q0:c.q1],
+                                           kv[0, :, c.k0:c.k1], kv[1, :, c.k0:c.k1],
+                                           out[:, c.q0:c.q1], lse[:, :, c.q0:c.q1], c)
             dq[:, c.q0:c.q1] += dq_c
             dkv[o, 0, :, c.k0:c.k1] += dk_c
             dkv[o, 1, :, c.k0:c.k1] += dv_c
