@@ -87,6 +87,17 @@ def _cases(W: int) -> dict:
                                        L=even, H=4, Hk=2)
     cases["contiguous-window-long-f64"] = dict(layout="contiguous", mask=dict(causal=True,
                                                window=(3, 0)), dtype="float64", L=12 * W)
+    for i in range(6):                     # random draws over the option space, fixed seeds
+        rnd = random.Random(1000 * W + i)
+        window = rnd.choice([None, (rnd.randint(0, 20), rnd.choice([0, 3, None, -1])),
+                             (None, rnd.randint(0, 6)), (rnd.randint(0, 30), None)])
+        if window and None not in window and window[0] + window[1] < 0:
+            window = None
+        mask = dict(causal=rnd.random() < 0.6, window=window, sinks=rnd.choice([0, 1, 5]))
+        cases[f"random{i}-f64"] = dict(
+            layout=rnd.choice(ring.LAYOUTS), mask=mask, dtype="float64",
+            L=rnd.randint(1, 12 * W), B=rnd.randint(1, 2), H=rnd.choice([2, 4]), Hk=2,
+            mode=rnd.choice(ring.MODES))
     return cases
 
 
@@ -388,6 +399,9 @@ def test_schedule_reproduces_the_global_mask(seed):
                 assert not (got & m).any(), "two calls cover one pair"
                 got |= m
             assert torch.equal(got, want), (r, o, p.calls[r][o])
+            if r != o:                      # what others read lies inside what is sent
+                lo, hi = p.ranges[o]
+                assert all(lo <= c.k0 and c.k1 <= hi for c in p.calls[r][o])
 
 
 def test_windowed_schedule_skips_hops_and_transfers():
@@ -397,6 +411,9 @@ def test_windowed_schedule_skips_hops_and_transfers():
     assert p.computed_hops == 8 + 7
     assert p.transfers == 7
     assert all(m.dst == (m.src + 1) % 8 for m in p.fwd_msgs)
+    # and only the last 15 rows of a block are sent on: traffic 7 * 15 of a full ring's 7 * 512
+    assert p.ranges[0] == (64 - 15, 64)
+    assert p.traffic_fraction == pytest.approx(15 / 512)
     # plain causal contiguous: half the ring, blocks never wrap around
     p = ring.plan(512, 8, "contiguous", causal=True)
     assert p.computed_hops == 36 and p.transfers == 28
