@@ -20,9 +20,11 @@ Layouts (how the global sequence of length L is split over W ranks):
 Schedule. Which (rank, block) pairs see anything is a pure function of the lengths and the
 mask, so every rank computes the same table (:func:`plan`). A hop whose block is invisible is
 skipped (no compute), and so is its transfer: a block is sent straight from the rank that last
-held it to the next rank that needs it, never to ranks that would only forward it. With a
-causal window of w tokens over contiguous shards of n >= w tokens, rank r needs only blocks r-1
-and r, so the traffic and compute per rank stay those of the window, whatever W is.
+held it to the next rank that needs it, never to ranks that would only forward it. Each call is
+trimmed to the query and key rows its window/sinks can see, and only the rows of a block that
+other ranks read travel. With a causal window of w tokens over contiguous shards of n >= w
+tokens, rank r reads only the last w rows of block r-1, so compute and traffic per rank stay
+those of the window, whatever W is.
 
 Backward. Standard ring-attention backward: the block gradient with the *global* out and lse of
 the rows (P = exp(S - lse)) is the block's exact share of dq, dk, dv (delta = rowsum(dO * O) -
@@ -398,6 +400,12 @@ class _Comm:
     world: int
     timeout: Optional[datetime.timedelta]
 
+    def fail(self, what: str, e: Exception):
+        limit = f" (timeout {self.timeout.total_seconds():g} s)" if self.timeout else ""
+        return RuntimeError(
+            f"ring_attention: rank {self.rank} of {self.world} failed {what}{limit}: {e}. A peer "
+            "rank may have failed, hung or not made the same ring_attention call.")
+
     def wait(self, works, what: str):
         for w in works:
             try:
@@ -406,11 +414,7 @@ class _Comm:
                 else:
                     w.wait(self.timeout)
             except RuntimeError as e:
-                limit = f" (timeout {self.timeout.total_seconds():g} s)" if self.timeout else ""
-                raise RuntimeError(
-                    f"ring_attention: rank {self.rank}/{self.world} failed waiting for {what}"
-                    f"{limit}: {e}. A peer rank may have failed, hung or not made the same "
-                    "ring_attention call.") from e
+                raise self.fail(f"waiting for {what}", e) from e
 
     def exchange(self, msgs: Sequence[_Msg], payload, alloc):
         """Post this rank's share of one batch; returns (works, {(kind, block): received})."""
@@ -428,7 +432,11 @@ class _Comm:
                 received[(m.kind, m.block)] = t
                 p2p.append(dist.P2POp(dist.irecv, t, group=self.group, tag=tag,
                                       group_peer=m.src))
-        return (dist.batch_isend_irecv(p2p) if p2p else []), received, p2p
+        try:
+            works = dist.batch_isend_irecv(p2p) if p2p else []
+        except RuntimeError as e:
+            raise self.fail("posting its sends and receives", e) from e
+        return works, received, p2p
 
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
