@@ -407,9 +407,22 @@ def test_schedule_reproduces_the_global_mask(seed):
                 assert not (got & m).any(), "two calls cover one pair"
                 got |= m
             assert torch.equal(got, want), (r, o, p.calls[r][o])
-            if r != o:                      # what others read lies inside what is sent
-                lo, hi = p.ranges[o]
+    # K/V: every user receives the block once, with the rows it reads, from a rank that holds
+    # them; dK/dV: every user sends its share home once.
+    held = {(r, r): (0, len(pos[r])) for r in range(W)}
+    for m in p.fwd_msgs:
+        assert m.kind == 0 and (m.dst, m.block) not in held
+        lo, hi = held[(m.src, m.block)]
+        assert lo <= m.lo and m.hi <= hi
+        held[(m.dst, m.block)] = (m.lo, m.hi)
+    for r in range(W):
+        for o in range(W):
+            if p.calls[r][o]:
+                lo, hi = held[(r, o)]
                 assert all(lo <= c.k0 and c.k1 <= hi for c in p.calls[r][o])
+    homes = sorted((m.src, m.block) for m in p.bwd_msgs if m.kind == 1)
+    assert homes == sorted((r, o) for r in range(W) for o in range(W)
+                           if r != o and p.calls[r][o])
 
 
 def test_windowed_schedule_skips_hops_and_transfers():
@@ -420,7 +433,7 @@ def test_windowed_schedule_skips_hops_and_transfers():
     assert p.transfers == 7
     assert all(m.dst == (m.src + 1) % 8 for m in p.fwd_msgs)
     # and only the last 15 rows of a block are sent on: traffic 7 * 15 of a full ring's 7 * 512
-    assert p.ranges[0] == (64 - 15, 64)
+    assert {(m.lo, m.hi) for m in p.fwd_msgs} == {(64 - 15, 64)}
     assert p.traffic_fraction == pytest.approx(15 / 512)
     # plain causal contiguous: half the ring, blocks never wrap around
     p = ring.plan(512, 8, "contiguous", causal=True)
@@ -432,9 +445,13 @@ def test_windowed_schedule_skips_hops_and_transfers():
     area = {sum((c.q1 - c.q0) * (c.k1 - c.k0) for c in p.calls[r][o])
             for r in range(8) for o in range(8) if r != o}
     assert area == {2 * 32 * 32}
-    # sinks keep block 0 visible to everyone, and travel straight to each rank
+    # sinks keep block 0 visible to everyone; after rank 1 (window + sinks) only the 4 sink
+    # rows travel on, and each user sends home only the dK/dV rows it read
     p = ring.plan(512, 8, "contiguous", causal=True, window=(15, 0), sinks=4)
     assert all(p.need(r, 0) for r in range(8))
+    assert [m.hi - m.lo for m in p.fwd_msgs if m.block == 0] == [64] + [4] * 6
+    assert [(m.lo, m.hi) for m in p.bwd_msgs if m.block == 0 and m.kind == 1] == \
+        [(0, 64)] + [(0, 4)] * 6
 
 
 def test_shard_unshard_layouts_without_a_group():

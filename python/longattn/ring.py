@@ -28,8 +28,10 @@ those of the window, whatever W is.
 
 Backward. Standard ring-attention backward: the block gradient with the *global* out and lse of
 the rows (P = exp(S - lse)) is the block's exact share of dq, dk, dv (delta = rowsum(dO * O) -
-dlse). K/V travel the same route again; an fp32 dK/dV accumulator follows the chain of ranks
-that use the block and returns to its owner; dq accumulates locally.
+dlse). K/V travel the same route again; each user sends its fp32 dK/dV share of the rows it read
+straight back to the owner in the next step (one message in and one out per rank and step, as
+with an accumulator passed along the ring, but never wider than what that user read); dq
+accumulates locally.
 
 Communication. Each step posts one ``batch_isend_irecv`` batch (this step's transfers, which
 overlap this step's compute) and waits for it at the end of the step. A message is posted in
@@ -275,10 +277,16 @@ def _pair_call(qp: Piece, kp: Piece, causal: bool, left: int, right: int,
 
 class _Msg(NamedTuple):
     step: int    # the batch it travels in (posted at the start of the step, waited at its end)
-    kind: int    # 0: K/V block, 1: dK/dV accumulator to the next user, 2: dK/dV back to owner
+    kind: int    # 0: K/V rows of a block, 1: a user's fp32 dK/dV share of them, back to the owner
     block: int   # owner rank of the block
     src: int
     dst: int
+    lo: int      # the block rows [lo, hi) it carries
+    hi: int
+
+
+def _hull(calls: Sequence[_Call]) -> Tuple[int, int]:
+    return min(c.k0 for c in calls), max(c.k1 for c in calls)
 
 
 @dataclass(frozen=True)
@@ -286,13 +294,11 @@ class RingPlan:
     """The schedule every rank derives from the lengths and the mask.
 
     ``calls[r][o]``: kernel calls of rank r against block o (empty: hop skipped).
-    ``ranges[o]``: the rows [lo, hi) of block o that other ranks read, the only ones sent.
-    ``fwd_msgs`` / ``bwd_msgs``: all transfers, forward and backward.
+    ``fwd_msgs`` / ``bwd_msgs``: all transfers, forward and backward, with the rows they carry.
     """
     world_size: int
     lengths: Tuple[int, ...]
     calls: Tuple[Tuple[Tuple[_Call, ...], ...], ...]
-    ranges: Tuple[Tuple[int, int], ...]
     fwd_msgs: Tuple[_Msg, ...]
     bwd_msgs: Tuple[_Msg, ...]
 
@@ -323,7 +329,7 @@ class RingPlan:
     def traffic_fraction(self) -> float:
         """K/V rows sent in the forward over those of a full ring ((W - 1) * L)."""
         full = (self.world_size - 1) * sum(self.lengths)
-        sent = sum(self.ranges[m.block][1] - self.ranges[m.block][0] for m in self.fwd_msgs)
+        sent = sum(m.hi - m.lo for m in self.fwd_msgs)
         return sent / full if full else 0.0
 
     def need(self, rank: int, block: int) -> bool:
@@ -340,27 +346,26 @@ def _make_plan(layout: str, lengths: Tuple[int, ...], causal: bool, left: int, r
                     if (c := _pair_call(qp, kp, causal, left, right, sinks)) is not None)
               for o in range(W))
         for r in range(W))
-    fwd, bwd, ranges = [], [], []
+    fwd, bwd = [], []
     for o in range(W):
         # Hops (ring distance from the owner) at which block o is used, the owner excluded.
         users = [h for h in range(1, W) if calls[(o + h) % W][o]]
-        read = [(c.k0, c.k1) for h in users for c in calls[(o + h) % W][o]]
-        ranges.append((min(a for a, _ in read), max(b for _, b in read)) if read else (0, 0))
+        reads = [_hull(calls[(o + h) % W][o]) for h in users]
         prev = 0
-        for h in users:
-            # K/V from the last holder straight to the next user; it lands for step h.
-            m = _Msg(h - 1, 0, o, (o + prev) % W, (o + h) % W)
+        for i, h in enumerate(users):
+            # K/V from the last holder straight to the next user, landing for step h, with the
+            # rows this user and the later ones read (a lambda mask's sink rows go on alone).
+            lo, hi = min(a for a, _ in reads[i:]), max(b for _, b in reads[i:])
+            m = _Msg(h - 1, 0, o, (o + prev) % W, (o + h) % W, lo, hi)
             fwd.append(m)
             bwd.append(m)
-            if prev:
-                # The accumulator of the previous user joins this user's share after step h.
-                bwd.append(_Msg(h, 1, o, (o + prev) % W, (o + h) % W))
+            # The user's dK/dV share of the rows it read goes home once its step is done.
+            # Straight home rather than accumulated along the chain: a chain carries the hull
+            # of all earlier users' rows, which for sinks is the whole block.
+            bwd.append(_Msg(h + 1, 1, o, (o + h) % W, o, *reads[i]))
             prev = h
-        if prev:
-            bwd.append(_Msg(prev + 1, 2, o, (o + prev) % W, o))
     key = lambda m: (m.step, m.kind, m.block)  # noqa: E731  (the canonical posting order)
-    return RingPlan(W, lengths, calls, tuple(ranges), tuple(sorted(fwd, key=key)),
-                    tuple(sorted(bwd, key=key)))
+    return RingPlan(W, lengths, calls, tuple(sorted(fwd, key=key)), tuple(sorted(bwd, key=key)))
 
 
 def plan(lengths: Union[int, Sequence[int]], world_size: Optional[int] = None,
@@ -417,11 +422,12 @@ class _Comm:
                 raise self.fail(f"waiting for {what}", e) from e
 
     def exchange(self, msgs: Sequence[_Msg], payload, alloc):
-        """Post this rank's share of one batch; returns (works, {(kind, block): received})."""
+        """Post this rank's share of one batch; returns (works, [(msg, buffer) received],
+        the ops, which keep the send buffers alive)."""
         sends = [m for m in msgs if m.src == self.rank]
         recvs = [m for m in msgs if m.dst == self.rank]
         ordered = sends + recvs if self.rank % 2 == 0 else recvs + sends
-        p2p, received = [], {}
+        p2p, received = [], []
         for m in ordered:
             tag = m.kind * self.world + m.block
             if m.src == self.rank:
@@ -429,7 +435,7 @@ class _Comm:
                                       group_peer=m.dst))
             else:
                 t = alloc(m)
-                received[(m.kind, m.block)] = t
+                received.append((m, t))
                 p2p.append(dist.P2POp(dist.irecv, t, group=self.group, tag=tag,
                                       group_peer=m.src))
         try:
@@ -596,16 +602,13 @@ class _Accumulator:
 
 
 class _Blocks:
-    """K/V blocks a rank holds: its own (all rows) and received ones (only the rows
-    ``plan.ranges`` says others read), addressed in the owner's row numbers."""
+    """K/V blocks a rank holds: its own (all rows) and received ones (the rows their message
+    carried), addressed in the owner's row numbers."""
 
     def __init__(self, plan_: RingPlan, rank: int, k, v, msgs):
-        self.plan, self.rank = plan_, rank
+        self.rank, self.k, self.v = rank, k, v
         self.held = {rank: (k, v, 0)}
-        self.wire = {}
-        if any(m.kind == 0 and m.src == rank for m in msgs):
-            lo, hi = plan_.ranges[rank]
-            self.wire[rank] = torch.stack([k[:, lo:hi], v[:, lo:hi]])   # one message for K, V
+        self.bufs = {}
         self.last_use = {}            # last step that reads each block (compute or send)
         W = plan_.world_size
         for o in range(W):
@@ -615,13 +618,18 @@ class _Blocks:
             if m.kind == 0 and m.src == rank:
                 self.last_use[m.block] = max(self.last_use.get(m.block, -1), m.step)
 
-    def shape(self, block, like):
-        lo, hi = self.plan.ranges[block]
-        return (2, like.shape[0], hi - lo) + tuple(like.shape[2:])
+    def payload(self, m: _Msg):
+        """Rows [m.lo, m.hi) of the block as one contiguous K/V message."""
+        if m.block == self.rank:      # the owner sends once: the one copy it makes
+            return torch.stack([self.k[:, m.lo:m.hi], self.v[:, m.lo:m.hi]])
+        buf, lo, hi = self.bufs[m.block]
+        if (lo, hi) == (m.lo, m.hi):
+            return buf
+        return buf[:, :, m.lo - lo:m.hi - lo].contiguous()
 
-    def receive(self, block, buf):
-        self.wire[block] = buf
-        self.held[block] = (buf[0], buf[1], self.plan.ranges[block][0])
+    def receive(self, m: _Msg, buf):
+        self.bufs[m.block] = (buf, m.lo, m.hi)
+        self.held[m.block] = (buf[0], buf[1], m.lo)
 
     def rows(self, block, c: _Call):
         k, v, base = self.held[block]
@@ -630,7 +638,7 @@ class _Blocks:
     def release(self, step):
         for b in [b for b in self.held if b != self.rank and self.last_use.get(b, -1) <= step]:
             self.held.pop(b)
-            self.wire.pop(b, None)
+            self.bufs.pop(b, None)
 
 
 def _by_step(msgs, W):
@@ -640,23 +648,27 @@ def _by_step(msgs, W):
     return steps
 
 
+def _alloc(m: _Msg, like: torch.Tensor, dtype: torch.dtype):
+    return torch.empty((2, like.shape[0], m.hi - m.lo) + tuple(like.shape[2:]), dtype=dtype,
+                       device=like.device)
+
+
 def _ring_forward(comm: _Comm, plan_: RingPlan, kern: _Kernel, q, k, v):
     r, W = comm.rank, comm.world
     acc = _Accumulator(q)
     blocks = _Blocks(plan_, r, k, v, plan_.fwd_msgs)
     by_step = _by_step(plan_.fwd_msgs, W)
     for h in range(W):
-        works, received, keep = comm.exchange(
-            by_step[h], lambda m: blocks.wire[m.block],
-            lambda m: torch.empty(blocks.shape(m.block, k), dtype=k.dtype, device=k.device))
+        works, received, keep = comm.exchange(by_step[h], blocks.payload,
+                                              lambda m: _alloc(m, k, k.dtype))
         o = (r - h) % W
         for c in plan_.calls[r][o]:
             out, lse = kern.fwd(q[:, c.q0:c.q1], *blocks.rows(o, c), c)
             acc.add(c.q0, c.q1, out, lse)
         comm.wait(works, f"K/V blocks of step {h + 1} of {W}")
         del keep
-        for (_, blk), t in received.items():
-            blocks.receive(blk, t)
+        for m, t in received:
+            blocks.receive(m, t)
         blocks.release(h)
     return acc.out, acc.lse
 
@@ -667,49 +679,46 @@ def _ring_backward(comm: _Comm, plan_: RingPlan, kern: _Kernel, dout, dlse, q, k
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     dkv_own = torch.zeros((2,) + tuple(k.shape), dtype=adt, device=k.device)
     blocks = _Blocks(plan_, r, k, v, plan_.bwd_msgs)
-    pending = {}  # block -> dK/dV (over the block's sent rows) accumulated here, to travel on
+    pending = {}  # block -> this rank's dK/dV share of the rows it read, sent home next step
+
+    def payload(m):
+        return blocks.payload(m) if m.kind == 0 else pending[m.block]
 
     def alloc(m):
-        return torch.empty(blocks.shape(m.block, k), dtype=k.dtype if m.kind == 0 else adt,
-                           device=k.device)
+        return _alloc(m, k, k.dtype if m.kind == 0 else adt)
 
     by_step = _by_step(plan_.bwd_msgs, W)
     for h in range(W + 1):
-        works, received, keep = comm.exchange(
-            by_step[h], lambda m: blocks.wire[m.block] if m.kind == 0 else pending[m.block],
-            alloc)
+        works, received, keep = comm.exchange(by_step[h], payload, alloc)
         o = (r - h) % W
-        dkv, base = None, 0
         if h < W and plan_.calls[r][o]:
+            calls = plan_.calls[r][o]
             if h == 0:
-                dkv = dkv_own
+                dkv, base = dkv_own, 0
             else:
-                dkv = torch.zeros(blocks.shape(o, k), dtype=adt, device=k.device)
-                base = plan_.ranges[o][0]
-            for c in plan_.calls[r][o]:
-                lse_c = lse[:, :, c.q0:c.q1]
+                base, hi = _hull(calls)
+                dkv = torch.zeros((2, k.shape[0], hi - base) + tuple(k.shape[2:]), dtype=adt,
+                                  device=k.device)
+                pending[o] = dkv
+            for c in calls:
                 dl_c = None if dlse is None else dlse[:, :, c.q0:c.q1]
                 dq_c, dk_c, dv_c, _ = kern.bwd(dout[:, c.q0:c.q1], dl_c, q[:, c.q0:c.q1],
-                                               *blocks.rows(o, c), out[:, c.q0:c.q1], lse_c, c)
+                                               *blocks.rows(o, c), out[:, c.q0:c.q1],
+                                               lse[:, :, c.q0:c.q1], c)
                 dq[:, c.q0:c.q1] += dq_c
                 dkv[0, :, c.k0 - base:c.k1 - base] += dk_c
                 dkv[1, :, c.k0 - base:c.k1 - base] += dv_c
         what = "the final dK/dV returns" if h == W else f"K/V and dK/dV of step {h + 1} of {W}"
         comm.wait(works, what)
-        for m in by_step[h]:          # accumulators sent on are done with
-            if m.src == r and m.kind in (1, 2):
-                pending.pop(m.block)
         del keep
-        for (kind, blk), t in received.items():
-            if kind == 0:
-                blocks.receive(blk, t)
-            elif kind == 1:
-                dkv += t          # the previous users' share of the block just computed
+        for m in by_step[h]:          # shares sent home are done with
+            if m.kind == 1 and m.src == r:
+                pending.pop(m.block)
+        for m, t in received:
+            if m.kind == 0:
+                blocks.receive(m, t)
             else:
-                lo, hi = plan_.ranges[r]
-                dkv_own[:, :, lo:hi] += t     # this rank's block, home from its last user
-        if dkv is not None and h > 0:
-            pending[o] = dkv
+                dkv_own[:, :, m.lo:m.hi] += t     # a user's share of this rank's block
         blocks.release(h)
     assert not pending, "ring_attention: internal error, dK/dV left unsent"
     dk, dv = dkv_own[0], dkv_own[1]
