@@ -425,6 +425,32 @@ def test_schedule_reproduces_the_global_mask(seed):
                            if r != o and p.calls[r][o])
 
 
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_block_backward_with_global_lse_is_exact(mask):
+    """The identity the ring backward rests on: the kernel's backward on one key block, given the
+    rows' global out and lse (and dlse), is that block's exact share of dq, dk and dv."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 30, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 30, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in "kv")
+    kw = MASKS[mask]
+    out, lse = longattn.attention(q, k, v, return_lse=True, **kw)
+    fin = torch.isfinite(lse)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    dq, dk, dv = torch.autograd.grad(_loss(out, lse, go, gl), (q, k, v))
+    left, right = longattn.window_bounds(kw.get("window"))
+    dq_sum = torch.zeros_like(dq)
+    for a, b in ((0, 7), (7, 19), (19, 30)):
+        dq_b, dk_b, dv_b, _ = torch.ops.longattn.attention_backward(
+            go, torch.where(fin, gl, 0), q.detach(), k.detach()[:, a:b], v.detach()[:, a:b],
+            out.detach(), lse.detach(), None, None, None, None, 8 ** -0.5, 0.0, 0.0,
+            kw["causal"], left, right, kw.get("sinks", 0), 0, a, 30, b - a)
+        dq_sum += dq_b
+        torch.testing.assert_close(dk_b, dk[:, a:b], atol=1e-12, rtol=0)
+        torch.testing.assert_close(dv_b, dv[:, a:b], atol=1e-12, rtol=0)
+    torch.testing.assert_close(dq_sum, dq, atol=1e-12, rtol=0)
+
+
 def test_windowed_schedule_skips_hops_and_transfers():
     # causal window of 16 over 8 contiguous shards of 64: each rank needs its block and the
     # previous one only, and every transfer goes one hop.
