@@ -254,6 +254,23 @@ def _unshard_roundtrip(rank, W):
         assert torch.equal(ring.unshard(part, layout=layout, seq_dim=1), x), layout
 
 
+def _subgroup(rank, W):
+    """A ring over ranks 0 and 2 of three: group ranks differ from global ranks."""
+    sub = dist.new_group([0, 2])
+    try:
+        if rank == 1:
+            return
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, 14, 2, 8, generator=g, dtype=torch.float64) for _ in "qkv")
+        want = longattn.attention(q, k, v, causal=True, window=(4, 0))
+        local = [ring.shard(t, sub, layout="zigzag") for t in (q, k, v)]
+        got = longattn.ring_attention(*local, group=sub, window=(4, 0), timeout=TIMEOUT_S)
+        torch.testing.assert_close(got, ring.shard(want, sub), atol=1e-12, rtol=0)
+        torch.testing.assert_close(ring.unshard(got, sub), want, atol=1e-12, rtol=0)
+    finally:
+        dist.barrier()      # rank 1 must not tear the world down under the others
+
+
 def _compile(rank, W):
     q, k, v = _small(rank, dtype=torch.float32, n=8, requires_grad=True)
 
@@ -296,7 +313,7 @@ SPECIAL = {
         "err_stripe_alibi", "err_requires_grad", "healthy_after_errors", "unshard_roundtrip",
         "compile",
         "peer_failure"],   # peer_failure breaks the group: keep it last
-    3: ["err_dtype", "err_unequal", "healthy_after_errors", "unshard_roundtrip"],
+    3: ["err_dtype", "err_unequal", "healthy_after_errors", "unshard_roundtrip", "subgroup"],
 }
 _SPECIAL_FNS = {name: globals()["_" + name] for names in SPECIAL.values() for name in names}
 
