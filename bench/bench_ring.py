@@ -6,11 +6,11 @@
 
 Each rank gets cores / world torch threads; the single-process baseline runs on rank 0 with all
 the cores while the other ranks wait. Ring and baseline repetitions alternate, so load drift on
-a shared machine hits both alike; the median is reported. A ring time is the slowest rank's
-(the repetition ends with a barrier). ratio = ring / single: 1.0 means the ring costs what one
+a shared machine hits both alike; the median is reported. A ring time is the slowest rank's. ratio = ring / single: 1.0 means the ring costs what one
 process with the same cores costs; above 1 is communication, merging and per-hop overhead not
-hidden by the overlap. "compute only" runs each rank's kernel calls and merges with all blocks
-already local (slowest rank): ring fwd minus that is what communication costs on top.
+hidden by the overlap. "blocked in waits" is the time the slowest rank spent waiting for
+messages (communication the overlap did not hide, plus waiting for a slower peer); "compute
+only" runs each rank's kernel calls and merges with all blocks already local.
 
 The second table needs no processes: it is the mask-aware schedule (longattn.ring.plan) at
 larger world sizes, i.e. how many (rank, block) hops and K/V transfers a window skips.
@@ -57,7 +57,22 @@ def _median_ms(xs):
     return 1e3 * statistics.median(xs)
 
 
+def _count_waits():
+    """Time spent blocked in the ring's waits: what the overlap failed to hide."""
+    waited = [0.0]
+    inner = ring._Comm.wait
+
+    def wait(self, works, what):
+        t0 = time.perf_counter()
+        inner(self, works, what)
+        waited[0] += time.perf_counter() - t0
+
+    ring._Comm.wait = wait
+    return waited
+
+
 def _worker(rank, world, store, args):
+    waited = _count_waits()
     cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -106,11 +121,15 @@ def _worker(rank, world, store, args):
             longattn.attention(qf, kf, vf, **opts).backward(do)
 
         def timed_ring(fn):
+            # the slowest rank's time and its time blocked in waits
             dist.barrier()
+            waited[0] = 0.0
             t0 = time.perf_counter()
             fn()
-            dist.barrier()
-            return time.perf_counter() - t0
+            both = torch.tensor([time.perf_counter() - t0, waited[0]], dtype=torch.float64)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            ring_waits.append(both[1].item())
+            return both[0].item()
 
         def timed_single(fn):
             dist.barrier()
@@ -124,7 +143,8 @@ def _worker(rank, world, store, args):
             dist.barrier()
             return dt
 
-        times = {key: [] for key in ("rf", "sf", "rb", "sb", "cf")}
+        times = {key: [] for key in ("rf", "sf", "rb", "sb", "cf", "wf")}
+        ring_waits = []
         for rep in range(args.reps + 1):          # the first round is a warm-up
             pairs = (("rf", timed_ring, ring_fwd), ("sf", timed_single, single_fwd),
                      ("cf", timed_ring, compute_only),
@@ -133,6 +153,8 @@ def _worker(rank, world, store, args):
                 dt = timer(fn)
                 if rep:
                     times[key].append(dt)
+                    if key == "rf":
+                        times["wf"].append(ring_waits[-1])
         ms = {key: _median_ms(x) for key, x in times.items()}
         rows.append((name, layout, mode, ms, p))
     if rank == 0:
@@ -145,16 +167,16 @@ def _print_timing(rows, args, world, cores):
           f"{max(1, cores // world)} threads vs 1 process x {cores} threads; "
           f"B=1 L={args.seq} H={args.heads} Hkv={args.kv_heads} D={args.dim} {args.dtype}, "
           f"median of {args.reps}\n")
-    print("| mask | layout | mode | single fwd ms | ring fwd ms | fwd ratio | ring fwd compute "
-          "only ms | single fwd+bwd ms | ring fwd+bwd ms | fwd+bwd ratio | hops computed "
-          "| transfers | K/V traffic |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| mask | layout | mode | single fwd ms | ring fwd ms | fwd ratio | ring fwd blocked "
+          "in waits ms | ring fwd compute only ms | single fwd+bwd ms | ring fwd+bwd ms "
+          "| fwd+bwd ratio | hops computed | transfers | K/V traffic |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, layout, mode, ms, p in rows:
         transfers = (f"{p.transfers}/{world * (world - 1)}" if mode == "ring"
                      else "all-gather")
         traffic = f"{100 * p.traffic_fraction:.0f}%" if mode == "ring" else "100%"
         print(f"| {name} | {layout} | {mode} | {ms['sf']:.1f} | {ms['rf']:.1f} | "
-              f"{ms['rf'] / ms['sf']:.2f} | {ms['cf']:.1f} | {ms['sb']:.1f} | {ms['rb']:.1f} | "
+              f"{ms['rf'] / ms['sf']:.2f} | {ms['wf']:.1f} | {ms['cf']:.1f} | {ms['sb']:.1f} | {ms['rb']:.1f} | "
               f"{ms['rb'] / ms['sb']:.2f} | {p.computed_hops}/{p.hops} | {transfers} | {traffic} |")
 
 
