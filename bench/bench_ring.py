@@ -1,14 +1,15 @@
 """Ring attention on CPU with gloo against one process doing the same global attention.
 
-    python bench/bench_ring.py                       # 2 ranks, L=4096, about 2 minutes
+    python bench/bench_ring.py                       # 2 ranks, L=4096, about 1 minute
     python bench/bench_ring.py --seq 8192 --reps 5
     python bench/bench_ring.py --plan-only           # just the schedule table (no timing)
 
 Each rank gets cores / world torch threads; the single-process baseline runs on rank 0 with all
 the cores while the other ranks wait. Ring and baseline repetitions alternate, so load drift on
-a shared machine hits both alike; the median is reported. A ring time is the slowest rank's. ratio = ring / single: 1.0 means the ring costs what one
-process with the same cores costs; above 1 is communication, merging and per-hop overhead not
-hidden by the overlap. "blocked in waits" is the time the slowest rank spent waiting for
+a shared machine hits both alike; the median is reported. A ring time is the slowest rank's.
+ratio = ring / single: 1.0 means the ring costs what one process with the same cores costs;
+above 1 is communication, merging, per-hop overhead and load imbalance not hidden by the
+overlap. "blocked in waits" is the time the slowest rank spent waiting for
 messages (communication the overlap did not hide, plus waiting for a slower peer); "compute
 only" runs each rank's kernel calls and merges with all blocks already local.
 
