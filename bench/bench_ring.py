@@ -177,8 +177,9 @@ def _print_timing(rows, args, world, cores):
                      else "all-gather")
         traffic = f"{100 * p.traffic_fraction:.0f}%" if mode == "ring" else "100%"
         print(f"| {name} | {layout} | {mode} | {ms['sf']:.1f} | {ms['rf']:.1f} | "
-              f"{ms['rf'] / ms['sf']:.2f} | {ms['wf']:.1f} | {ms['cf']:.1f} | {ms['sb']:.1f} | {ms['rb']:.1f} | "
-              f"{ms['rb'] / ms['sb']:.2f} | {p.computed_hops}/{p.hops} | {transfers} | {traffic} |")
+              f"{ms['rf'] / ms['sf']:.2f} | {ms['wf']:.1f} | {ms['cf']:.1f} | {ms['sb']:.1f} | "
+              f"{ms['rb']:.1f} | {ms['rb'] / ms['sb']:.2f} | {p.computed_hops}/{p.hops} | "
+              f"{transfers} | {traffic} |")
 
 
 def print_plan_table(seq=131072):

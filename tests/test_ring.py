@@ -137,6 +137,8 @@ def _run_case(spec, rank, W):
     kw = _options(spec)
     sink = kw.pop("sink_logits", None)
     sinks = [None, None] if sink is None else [sink.clone().requires_grad_() for _ in "ab"]
+    if sink is not None and spec["layout"] == "stripe" and q.dtype == torch.float64:
+        sinks[1] = sink.double().requires_grad_()    # fp64 sink logits go with fp64 q
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = longattn.attention(*full, return_lse=True, sink_logits=sinks[0], **kw)
     _loss(out, lse, go, gl).backward()

@@ -483,10 +483,14 @@ def _local_meta(q, k, v, alibi, sink_logits, layout, mode, causal, left, right, 
     if not 1 <= D <= 256:
         raise ValueError(f"ring_attention: head_dim must be in [1, 256], got {D}")
     for name, t in (("alibi_slopes", alibi), ("sink_logits", sink_logits)):
-        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (H,)
+        # fp64 sink logits are fine with fp64 q (as longattn.attention allows, for gradcheck)
+        ok = (torch.float32, torch.float64) if name == "sink_logits" and \
+            q.dtype == torch.float64 else (torch.float32,)
+        if t is not None and (t.dtype not in ok or tuple(t.shape) != (H,)
                               or t.device != q.device):
-            raise ValueError(f"ring_attention: {name} must be float32 of shape ({H},) on q's "
-                             f"device, got {t.dtype} {tuple(t.shape)} on {t.device}")
+            raise ValueError(f"ring_attention: {name} must be float32 (or float64 sink_logits "
+                             f"with float64 q) of shape ({H},) on q's device, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
     if layout == "stripe" and (alibi is not None or logn_base):
         raise ValueError("ring_attention: alibi_slopes and logn_base read absolute positions "
                          "and are not supported with layout='stripe' (use 'zigzag' or "
@@ -860,12 +864,13 @@ def _ring_attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor]
             delta = delta - dlse.to(adt)
         p_sink = torch.exp(sink_logits.to(adt).view(1, -1, 1) - lse)
         dsink = -(p_sink * delta).sum(dim=(0, 2))
-    return dq, dk, dv, dsink.to(torch.float32)
+    return dq, dk, dv, dsink.to(sink_logits.dtype)
 
 
 @_ring_attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, lengths, alibi_slopes, sink_logits, *args):
-    dsink = q.new_empty((q.shape[2],) if sink_logits is not None else (0,), dtype=torch.float32)
+    dsink = (sink_logits.new_empty(sink_logits.shape) if sink_logits is not None
+             else q.new_empty((0,), dtype=torch.float32))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink
 
 
