@@ -15,6 +15,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C, _ops  # noqa: F401  (registers ops, fake kernels, autograd)
 from .attention import UNBOUNDED, attention, merge_attention, window_bounds
 from .dilated import dilated_attention
+from . import ring
+from .ring import ring_attention
 
 __version__ = "0.1.0"
 
@@ -24,5 +26,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["attention", "merge_attention", "dilated_attention", "build_info", "UNBOUNDED",
-           "window_bounds", "__version__"]
+__all__ = ["attention", "merge_attention", "dilated_attention", "ring_attention", "ring",
+           "build_info", "UNBOUNDED", "window_bounds", "__version__"]
