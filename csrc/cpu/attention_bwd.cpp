@@ -53,7 +53,7 @@ template <typename T>
 void compute_delta(const AttentionParams& p, const BackwardBuffers& g) {
   using A = acc_t<T>;
   const int64_t D = p.head_dim;
-  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> o(D), d(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
@@ -78,7 +78,7 @@ void compute_delta(const AttentionParams& p, const BackwardBuffers& g) {
 template <typename T>
 void compute_dsink(const AttentionParams& p, const BackwardBuffers& g) {
   using A = acc_t<T>;
-  at::parallel_for(0, p.heads_q, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(p.heads_q, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
       const A z = static_cast<A>(p.sink_logit(h));
       A acc = 0;
@@ -244,7 +244,7 @@ void reduce_dq(const AttentionParams& p, const BackwardBuffers& g) {
   const int64_t n = p.total_q * p.heads_q * p.head_dim;
   const A* acc = static_cast<const A*>(g.dq_accum);
   T* dq = static_cast<T*>(g.dq);
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(n, 4096, [&](int64_t begin, int64_t end) {
     std::vector<A> tmp(end - begin);
     std::copy(acc + begin, acc + end, tmp.begin());
     for (int64_t c = 1; c < g.dq_chunks; ++c) {

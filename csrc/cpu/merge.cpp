@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/merge.h"
+#include "cpu/parallel.h"
 #include "cpu/tile.h"
 #include "merge_args.h"
 
@@ -45,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(at::TensorList outs, at::
     A* lse_out = lse.data_ptr<A>();
     scalar_t* out_p = out.data_ptr<scalar_t>();
     const int64_t H = ms.H, L = ms.L, D = ms.D;
-    at::parallel_for(0, ms.rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(ms.rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<A> ls(n), w(n), acc(D), tmp(D);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / L, i = row % L;
@@ -105,7 +106,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
     const A* lse_p = lse_c.data_ptr<A>();
     const A* dlse_p = dlse_c.defined() ? dlse_c.data_ptr<A>() : nullptr;
     const int64_t H = ms.H, L = ms.L, D = ms.D;
-    at::parallel_for(0, ms.rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(ms.rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<A> g(D), tmp(D), scaled(D), w(n), g_dot(n);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / L, i = row % L;
