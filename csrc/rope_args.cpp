@@ -145,10 +145,16 @@ std::tuple<at::Tensor, at::Tensor> allocate_rope_outputs(RopeParams& p, const at
 void set_rope_inplace(RopeParams& p, const at::Tensor& q, const std::optional<at::Tensor>& k) {
   // A token's heads are read and written by one thread: a view that aliases itself (an
   // expanded dim) or k aliasing q would be written twice with different results.
-  at::assert_no_internal_overlap(q);
+  // (Views whose overlap torch cannot decide, e.g. q and k slices of one fused qkv buffer,
+  // are accepted, as torch's own in-place ops do.)
+  TORCH_CHECK_VALUE(at::has_internal_overlap(q) != at::MemOverlap::Yes,
+                    "in-place rope: q has elements that share memory (an expanded view)");
   if (k.has_value()) {
-    at::assert_no_internal_overlap(*k);
-    at::assert_no_overlap(q, *k);
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*k) != at::MemOverlap::Yes,
+                      "in-place rope: k has elements that share memory (an expanded view)");
+    const auto status = at::get_overlap_status(q, *k);
+    TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                      "in-place rope: q and k overlap in memory");
   }
   for (int i = 0; i < p.n_tensors; ++i) {
     RopeTensor& v = p.x[i];

@@ -32,8 +32,11 @@ def _check_tensor(name, t, allow_none=False):
 
 
 def _rotary_dim(rotary_dim, inv_freq) -> int:
+    if inv_freq.dim() != 1:
+        raise ValueError(f"inv_freq must be 1-D of length rotary_dim // 2, got shape "
+                         f"{tuple(inv_freq.shape)}")
     if rotary_dim is None:
-        return 2 * inv_freq.shape[0] if inv_freq.dim() == 1 else -1  # C++ reports the shape
+        return 2 * inv_freq.shape[0]
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
         raise ValueError(f"rotary_dim must be an int or None, got {rotary_dim!r}")
     return rotary_dim
