@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "common/host_device.h"
+
 namespace longattn {
 
 // One rotated tensor (q or k): input and output views. In place, out == in and the strides
@@ -34,7 +36,7 @@ struct RopeParams {
   bool inverse = false;      // rotate by -angle (the backward)
   bool copy_tail = true;     // out of place: write features past rotary_dim unchanged
 
-  int64_t tokens() const { return batch * seqlen; }
+  LONGATTN_HD int64_t tokens() const { return batch * seqlen; }
 };
 
 }  // namespace longattn
