@@ -34,6 +34,19 @@ def _devices():
 
 DEVICES = _devices()
 
+
+def _attention_runs(device):
+    try:
+        x = torch.zeros(1, 1, 1, 8, device=device)
+        longattn.attention(x, x, x)
+        return True
+    except (RuntimeError, NotImplementedError):  # no kernel for this backend yet
+        return False
+
+
+#: Devices where longattn.attention has a kernel (the extension methods need it).
+ATTENTION_DEVICES = [d for d in DEVICES if _attention_runs(d)]
+
 try:  # the suite's shared implementation, when present
     from helpers import assert_close_rule  # type: ignore  # noqa: F401
 except ImportError:  # pragma: no cover - same rule, standalone

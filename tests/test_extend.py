@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rope_helpers import DEVICES, assert_close_rule
+from rope_helpers import ATTENTION_DEVICES as DEVICES, assert_close_rule
 
 import longattn
 from longattn import extend

@@ -206,13 +206,14 @@ def test_shift_invariance(device, shift):
     assert (d0 - d1).abs().max().item() < 2e-5 * D ** 0.5
 
 
-def test_large_positions_against_float64():
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_positions_against_float64(device):
     """Positions up to 2**28: the float64 product is exact there, so torch's float64 cos/sin
     is a trustworthy reference; fp32 results must be within fp32 rounding of it."""
     x = torch.randn(1, 256, 2, 64)
     pos = torch.randint(2**20, 2**28, (256,))
     inv = _inv(64, 1e6)
-    out = apply_rope(x, None, pos, inv)
+    out = apply_rope(x.to(device), None, pos.to(device), inv.to(device)).cpu()
     ref = apply_rope_ref(x, pos, inv)
     assert (out.double() - ref).abs().max().item() < 2e-6
     # The usual fp32 angle (HF's formula) is far off at these positions: the test has teeth.
@@ -221,7 +222,8 @@ def test_large_positions_against_float64():
     assert (hf.double() - ref).abs().max().item() > 1e-2
 
 
-def test_huge_positions_against_mpmath():
+@pytest.mark.parametrize("device", DEVICES)
+def test_huge_positions_against_mpmath(device):
     """Positions up to 2**52 (negative too) against angles taken exactly with mpmath."""
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.prec = 200
@@ -229,7 +231,7 @@ def test_huge_positions_against_mpmath():
     inv = _inv(16, 10000.0)
     x = torch.zeros(1, 6, 1, 16, dtype=torch.float64)
     x[..., :8] = 1.0  # NeoX pair i = (1, 0): the output is (cos, sin) of the angle
-    out = apply_rope(x, None, pos, inv)[0, :, 0]
+    out = apply_rope(x.to(device), None, pos.to(device), inv.to(device))[0, :, 0].cpu()
     for t, p in enumerate(pos.tolist()):
         for i, f in enumerate(inv.tolist()):
             a = mpmath.mpf(p) * mpmath.mpf(f)  # exact: f is a dyadic rational
