@@ -3,15 +3,10 @@
 // Work items are (token, block of heads) so a decode step with one token still spreads its
 // heads over the threads, while a long prefill keeps whole tokens per item. Each item builds
 // the token's cos/sin table once (rope_math.h, vectorized over frequencies) and streams its
-// heads through it: every element of q and k is read once and written once. Rows are copied
-// to a per-thread scratch in the compute type first, so the rotation loops see no aliasing
-// (in place, input and output are the same memory) and vectorize; bf16/fp16 rows are
-// converted with at::vec on the way in and out.
+// heads through it (cpu/rope_rows.h): every element of q and k is read once and written once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +14,7 @@
 #include <vector>
 
 #include "common/rope_math.h"
+#include "cpu/rope_rows.h"
 #include "rope_args.h"
 
 namespace longattn::cpu {
@@ -26,39 +22,6 @@ namespace {
 
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T, typename C>
-void load_row(const T* src, C* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, C>) {
-    std::memcpy(dst, src, n * sizeof(T));
-  } else {
-    using bVec = at::vec::Vectorized<T>;
-    using fVec = at::vec::Vectorized<float>;
-    int64_t i = 0;
-    for (; i + bVec::size() <= n; i += bVec::size()) {
-      auto [a, b] = at::vec::convert_to_float<T>(bVec::loadu(src + i));
-      a.store(dst + i);
-      b.store(dst + i + fVec::size());
-    }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-template <typename T, typename C>
-void store_row(const C* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, C>) {
-    std::memcpy(dst, src, n * sizeof(T));
-  } else {
-    using bVec = at::vec::Vectorized<T>;
-    using fVec = at::vec::Vectorized<float>;
-    int64_t i = 0;
-    for (; i + bVec::size() <= n; i += bVec::size()) {
-      at::vec::convert_from_float<T>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()))
-          .store(dst + i);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-  }
-}
 
 // cos/sin of pos * f[i] for i < half, times the scaling (sin negated for the inverse).
 template <bool Big, typename C>
@@ -71,26 +34,6 @@ void fill_table(int64_t pos, const double* __restrict f, int64_t half, C cos_mul
     rope::sincos_quadrant<C>(r, quadrant, &s, &c);
     cos_t[i] = c * cos_mul;
     sin_t[i] = s * sin_mul;
-  }
-}
-
-template <typename C>
-void rotate_neox(const C* __restrict x, const C* __restrict c, const C* __restrict s,
-                 C* __restrict y, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const C x0 = x[i], x1 = x[i + half];
-    y[i] = x0 * c[i] - x1 * s[i];
-    y[i + half] = x1 * c[i] + x0 * s[i];
-  }
-}
-
-template <typename C>
-void rotate_interleaved(const C* __restrict x, const C* __restrict c, const C* __restrict s,
-                        C* __restrict y, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const C x0 = x[2 * i], x1 = x[2 * i + 1];
-    y[2 * i] = x0 * c[i] - x1 * s[i];
-    y[2 * i + 1] = x1 * c[i] + x0 * s[i];
   }
 }
 
@@ -124,14 +67,15 @@ void rope_kernel(const RopeParams& p) {
   const int64_t heads_per_block = (heads + blocks_per_token - 1) / blocks_per_token;
   const int64_t items = tokens * blocks_per_token;
   const int64_t row_elems = std::max<int64_t>(p.x[0].head_dim, 1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / (heads_per_block * row_elems));
+  // ~128 KB of fp32 per task: below that, waking a second thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (heads_per_block * row_elems));
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<C> scratch(2 * R + 2 * half);
-    C* xr = scratch.data();
-    C* yr = xr + R;
-    C* cos_t = yr + R;
-    C* sin_t = cos_t + half;
+    // Per-thread: the token's tables (cos, sin per pair; per element for the interleaved
+    // vector path) and the scratch rows of the plain-loop path.
+    std::vector<C> buf(2 * half + 2 * R + 2 * R);
+    rope_rows::Tables<C> tab{buf.data(), buf.data() + half, buf.data() + R, buf.data() + 2 * R};
+    C* scratch = buf.data() + 3 * R;
     int64_t table_token = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / blocks_per_token;
@@ -141,10 +85,11 @@ void rope_kernel(const RopeParams& p) {
       if (t != table_token) {
         const int64_t pos = position_at(p, b, l);
         if (rope::is_big_position(pos)) {
-          fill_table<true, C>(pos, freq.data(), half, cos_mul, sin_mul, cos_t, sin_t);
+          fill_table<true, C>(pos, freq.data(), half, cos_mul, sin_mul, tab.cos, tab.sin);
         } else {
-          fill_table<false, C>(pos, freq.data(), half, cos_mul, sin_mul, cos_t, sin_t);
+          fill_table<false, C>(pos, freq.data(), half, cos_mul, sin_mul, tab.cos, tab.sin);
         }
+        if (p.interleaved) rope_rows::expand_interleaved<C>(tab, half);
         table_token = t;
       }
       for (int64_t hg = h_begin; hg < h_end; ++hg) {
@@ -155,13 +100,7 @@ void rope_kernel(const RopeParams& p) {
                       h * v.in_stride_h;
         T* out = static_cast<T*>(v.out) + b * v.out_stride_b + l * v.out_stride_l +
                  h * v.out_stride_h;
-        load_row<T, C>(in, xr, R);
-        if (p.interleaved) {
-          rotate_interleaved<C>(xr, cos_t, sin_t, yr, half);
-        } else {
-          rotate_neox<C>(xr, cos_t, sin_t, yr, half);
-        }
-        store_row<T, C>(yr, out, R);
+        rope_rows::rotate_row<T, C>(in, out, tab, R, p.interleaved, scratch);
         if (p.copy_tail && v.head_dim > R) {
           std::memcpy(out + R, in + R, (v.head_dim - R) * sizeof(T));
         }
