@@ -90,32 +90,39 @@ def main():
         hdr += f"{'copy':>9}{'% copy':>8}"
     print("GB/s (q and k read + written once each)")
     print(hdr)
-    compiled = None if args.no_compile else torch.compile(hf_rope, dynamic=False)
+    cases = []
     for label, B, L, Hq, Hk, D in shapes:
         for dt in dtypes:
             rinv = (inv if D == 128 else longattn.rope.frequencies(D, 500000.0)[0]).to(dev)
             q = torch.randn(B, L, Hq, D, device=dev, dtype=dt)
             k = torch.randn(B, L, Hk, D, device=dev, dtype=dt)
             pos = (torch.arange(L, device=dev) + 1000)[None].expand(B, L).contiguous()
-            nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
-            res = {}
-            res["longattn"] = timeit(lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling),
-                                     dev, repeats)
-            res["inplace"] = timeit(lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling,
-                                                                inplace=True), dev, repeats)
-            res["eager"] = timeit(lambda: hf_rope(q, k, pos, rinv, scaling), dev, repeats)
-            if compiled is not None:
-                res["compiled"] = timeit(lambda: compiled(q, k, pos, rinv, scaling), dev, repeats)
-            gbs = {kk: nbytes / t / 1e9 for kk, t in res.items()}
-            row = (f"{label:<15}{str(dt).replace('torch.', ''):<10}{nbytes / 2**20:>8.0f}"
-                   f"{gbs['longattn']:>10.1f}{gbs['inplace']:>10.1f}{gbs['eager']:>10.1f}"
-                   f"{gbs.get('compiled', float('nan')):>10.1f}"
-                   f"{res['eager'] / res['longattn']:>9.2f}"
-                   f"{res.get('compiled', float('nan')) / res['longattn']:>11.2f}")
-            if dev == "cuda":
-                copy = nbytes / timeit(lambda: (q.clone(), k.clone()), dev, repeats) / 1e9
-                row += f"{copy:>9.0f}{100 * gbs['longattn'] / copy:>7.0f}%"
-            print(row, flush=True)
+            cases.append((label, q, k, pos, rinv, {}))
+    # Every compiled baseline after every other measurement: on CPU, inductor's kernels bring
+    # their own OpenMP thread pool, whose spinning workers slow any later parallel region.
+    for label, q, k, pos, rinv, res in cases:
+        res["longattn"] = timeit(lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling),
+                                 dev, repeats)
+        res["inplace"] = timeit(lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling,
+                                                            inplace=True), dev, repeats)
+        res["eager"] = timeit(lambda: hf_rope(q, k, pos, rinv, scaling), dev, repeats)
+        if dev == "cuda":
+            res["copy"] = timeit(lambda: (q.clone(), k.clone()), dev, repeats)
+    if not args.no_compile:
+        compiled = torch.compile(hf_rope, dynamic=False)
+        for label, q, k, pos, rinv, res in cases:
+            res["compiled"] = timeit(lambda: compiled(q, k, pos, rinv, scaling), dev, repeats)
+    for label, q, k, pos, rinv, res in cases:
+        nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
+        gbs = {kk: nbytes / t / 1e9 for kk, t in res.items()}
+        row = (f"{label:<15}{str(q.dtype).replace('torch.', ''):<10}{nbytes / 2**20:>8.0f}"
+               f"{gbs['longattn']:>10.1f}{gbs['inplace']:>10.1f}{gbs['eager']:>10.1f}"
+               f"{gbs.get('compiled', float('nan')):>10.1f}"
+               f"{res['eager'] / res['longattn']:>9.2f}"
+               f"{res.get('compiled', float('nan')) / res['longattn']:>11.2f}")
+        if dev == "cuda":
+            row += f"{gbs['copy']:>9.0f}{100 * gbs['longattn'] / gbs['copy']:>7.0f}%"
+        print(row, flush=True)
     print("x eager / x compiled: time of that baseline / time of longattn.apply_rope (out of place)")
 
 
