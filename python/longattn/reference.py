@@ -382,3 +382,8 @@ def dilated_attention_ref(
         outs.append(o)
         lses.append(l)
     return merge_attention_ref(outs, lses, upcast=upcast, out_dtype=q.dtype)
+
+
+# RoPE and the training-free extension methods keep their references in rope_reference.py;
+# re-exported so this module stays the one place to find every op's reference.
+from .rope_reference import *  # noqa: E402,F401,F403
