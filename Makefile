@@ -12,7 +12,7 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH       ?= torch==2.13.0
-DEPS        ?= $(TORCH) pybind11 cmake ninja nvidia-cutlass pytest pytest-benchmark pytest-timeout expecttest numpy tqdm matplotlib
+DEPS        ?= $(TORCH) pybind11 cmake ninja nvidia-cutlass pytest pytest-benchmark pytest-timeout expecttest numpy tqdm matplotlib transformers
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
