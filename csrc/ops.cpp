@@ -24,4 +24,16 @@ TORCH_LIBRARY(longattn, m) {
   m.def(
       "merge_attention_backward(Tensor dout, Tensor? dlse, Tensor[] outs, Tensor[] lses, "
       "Tensor out, Tensor lse) -> (Tensor[] douts, Tensor[] dlses)");
+  // RoPE: rotate the first rotary_dim features of every head of q (and k, may be None) by
+  // positions[token] * inv_freq (the angle reduced exactly, common/rope_math.h), cos/sin times
+  // attention_scaling; inverse rotates by the opposite angle (the backward). q/k: (B, L, H, D)
+  // with positions (B, L), (1, L) or (L,), or (T, H, D) with positions (T,). Outputs are
+  // contiguous; k_out is an empty 1-D tensor when k is None.
+  m.def(
+      "rope(Tensor q, Tensor? k, Tensor positions, Tensor inv_freq, float attention_scaling, "
+      "int rotary_dim, bool interleaved, bool inverse) -> (Tensor q_out, Tensor k_out)");
+  // The same, in place on q and k (inference; no autograd).
+  m.def(
+      "rope_(Tensor(a!) q, Tensor(b!)? k, Tensor positions, Tensor inv_freq, "
+      "float attention_scaling, int rotary_dim, bool interleaved, bool inverse) -> ()");
 }

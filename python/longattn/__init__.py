@@ -5,6 +5,9 @@ Public API:
                         ALiBi / log-n / learned sink logits / GQA / varlen, lse output
     merge_attention     log-sum-exp merge of partial attentions
     dilated_attention   LongNet dilated attention built on strided views
+    apply_rope          fused RoPE on q and k (NeoX / GPT-J pairing, partial rotary, exact angles)
+    rope                frequencies() for every context-extension scaling, rerotate_keys()
+    extend              SelfExtend, ReRoPE, LM-Infinite on top of attention + merge
     build_info          how the extension was compiled
 The raw ops live in ``torch.ops.longattn``.
 """
@@ -12,11 +15,13 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, _ops  # noqa: F401  (registers ops, fake kernels, autograd)
+from . import _C, _ops, _rope_ops  # noqa: F401  (registers ops, fake kernels, autograd)
 from .attention import UNBOUNDED, attention, merge_attention, window_bounds
 from .dilated import dilated_attention
 from . import ring
 from .ring import ring_attention
+from . import rope, extend  # noqa: E402
+from .rope import apply_rope
 
 __version__ = "0.1.0"
 
@@ -27,4 +32,5 @@ def build_info() -> dict:
 
 
 __all__ = ["attention", "merge_attention", "dilated_attention", "ring_attention", "ring",
+           "apply_rope", "rope", "extend",
            "build_info", "UNBOUNDED", "window_bounds", "__version__"]

@@ -1,0 +1,142 @@
+// CPU RoPE: rotate q (and k) by positions * inv_freq, out of place or in place.
+//
+// Work items are (token, block of heads) so a decode step with one token still spreads its
+// heads over the threads, while a long prefill keeps whole tokens per item. Each item builds
+// the token's cos/sin table once (rope_math.h, vectorized over frequencies) and streams its
+// heads through it (cpu/rope_rows.h): every element of q and k is read once and written once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/rope_math.h"
+#include "cpu/rope_rows.h"
+#include "rope_args.h"
+
+namespace longattn::cpu {
+namespace {
+
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// cos/sin of pos * f[i] for i < half, times the scaling (sin negated for the inverse).
+template <bool Big, typename C>
+void fill_table(int64_t pos, const double* __restrict f, int64_t half, C cos_mul, C sin_mul,
+                C* __restrict cos_t, C* __restrict sin_t) {
+  for (int64_t i = 0; i < half; ++i) {
+    double quadrant;
+    const double r = rope::reduced_angle<Big>(pos, f[i], &quadrant);
+    C s, c;
+    rope::sincos_quadrant<C>(r, quadrant, &s, &c);
+    cos_t[i] = c * cos_mul;
+    sin_t[i] = s * sin_mul;
+  }
+}
+
+int64_t position_at(const RopeParams& p, int64_t b, int64_t l) {
+  const int64_t off = b * p.pos_stride_b + l * p.pos_stride_l;
+  return p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
+                           : static_cast<const int32_t*>(p.positions)[off];
+}
+
+template <typename T>
+void rope_kernel(const RopeParams& p) {
+  using C = compute_t<T>;
+  const int64_t tokens = p.tokens();
+  const int64_t R = p.rotary_dim, half = R / 2;
+  const int64_t heads_q = p.x[0].heads;
+  const int64_t heads = heads_q + (p.n_tensors == 2 ? p.x[1].heads : 0);
+  if (tokens == 0 || heads == 0) return;
+
+  std::vector<double> freq(half);
+  for (int64_t i = 0; i < half; ++i) {
+    freq[i] = p.inv_freq_fp64 ? static_cast<const double*>(p.inv_freq)[i]
+                              : static_cast<double>(static_cast<const float*>(p.inv_freq)[i]);
+  }
+  const C cos_mul = static_cast<C>(p.scaling);
+  const C sin_mul = static_cast<C>(p.inverse ? -p.scaling : p.scaling);
+
+  // Split a token's heads only when there are too few tokens to occupy the threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks_per_token =
+      std::clamp<int64_t>((4 * threads + tokens - 1) / tokens, 1, heads);
+  const int64_t heads_per_block = (heads + blocks_per_token - 1) / blocks_per_token;
+  const int64_t items = tokens * blocks_per_token;
+  const int64_t row_elems = std::max<int64_t>(p.x[0].head_dim, 1);
+  // ~128 KB of fp32 per task: below that, waking a second thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (heads_per_block * row_elems));
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    // Per-thread: the token's tables (cos, sin per pair; per element for the interleaved
+    // vector path) and the scratch rows of the plain-loop path.
+    std::vector<C> buf(2 * half + 2 * R + 2 * R);
+    rope_rows::Tables<C> tab{buf.data(), buf.data() + half, buf.data() + R, buf.data() + 2 * R};
+    C* scratch = buf.data() + 3 * R;
+    int64_t table_token = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / blocks_per_token;
+      const int64_t h_begin = (item % blocks_per_token) * heads_per_block;
+      const int64_t h_end = std::min(heads, h_begin + heads_per_block);
+      const int64_t b = t / p.seqlen, l = t % p.seqlen;
+      if (t != table_token) {
+        const int64_t pos = position_at(p, b, l);
+        if (rope::is_big_position(pos)) {
+          fill_table<true, C>(pos, freq.data(), half, cos_mul, sin_mul, tab.cos, tab.sin);
+        } else {
+          fill_table<false, C>(pos, freq.data(), half, cos_mul, sin_mul, tab.cos, tab.sin);
+        }
+        if (p.interleaved) rope_rows::expand_interleaved<C>(tab, half);
+        table_token = t;
+      }
+      for (int64_t hg = h_begin; hg < h_end; ++hg) {
+        const bool is_k = hg >= heads_q;
+        const RopeTensor& v = p.x[is_k ? 1 : 0];
+        const int64_t h = is_k ? hg - heads_q : hg;
+        const T* in = static_cast<const T*>(v.in) + b * v.in_stride_b + l * v.in_stride_l +
+                      h * v.in_stride_h;
+        T* out = static_cast<T*>(v.out) + b * v.out_stride_b + l * v.out_stride_l +
+                 h * v.out_stride_h;
+        rope_rows::rotate_row<T, C>(in, out, tab, R, p.interleaved, scratch);
+        if (p.copy_tail && v.head_dim > R) {
+          std::memcpy(out + R, in + R, (v.head_dim - R) * sizeof(T));
+        }
+      }
+    }
+  });
+}
+
+#define LONGATTN_ROPE_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                                            const at::Tensor& positions, const at::Tensor& inv_freq,
+                                            double attention_scaling, int64_t rotary_dim,
+                                            bool interleaved, bool inverse) {
+  RopeParams p = make_rope_params(q, k, positions, inv_freq, attention_scaling, rotary_dim,
+                                  interleaved, inverse);
+  auto outs = allocate_rope_outputs(p, q, k);
+  LONGATTN_ROPE_DISPATCH(q.scalar_type(), "longattn::rope", [&] { rope_kernel<scalar_t>(p); });
+  return outs;
+}
+
+void rope_inplace_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                      const at::Tensor& positions, const at::Tensor& inv_freq,
+                      double attention_scaling, int64_t rotary_dim, bool interleaved, bool inverse) {
+  RopeParams p = make_rope_params(q, k, positions, inv_freq, attention_scaling, rotary_dim,
+                                  interleaved, inverse);
+  set_rope_inplace(p, q, k);
+  LONGATTN_ROPE_DISPATCH(q.scalar_type(), "longattn::rope_", [&] { rope_kernel<scalar_t>(p); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longattn, CPU, m) {
+  m.impl("rope", &rope_cpu);
+  m.impl("rope_", &rope_inplace_cpu);
+}
+
+}  // namespace longattn::cpu

@@ -1,0 +1,60 @@
+// CUDA registrations of the rope ops: the shared argument checks, outputs, then the plain
+// launch function of rope_kernel.cu on the current stream of q's device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one wants cuSPARSE headers
+#include <torch/library.h>
+
+#include "cuda/rope_launch.h"
+#include "rope_args.h"
+
+namespace longattn::cuda {
+namespace {
+
+RopeDtype dtype_of(const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kFloat: return RopeDtype::kFloat32;
+    case at::kDouble: return RopeDtype::kFloat64;
+    case at::kHalf: return RopeDtype::kFloat16;
+    case at::kBFloat16: return RopeDtype::kBFloat16;
+    default: TORCH_CHECK_VALUE(false, "rope: unsupported dtype ", q.scalar_type());
+  }
+}
+
+void launch(const RopeParams& p, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(p.rotary_dim <= kMaxRotaryDimCuda, "rotary_dim = ", p.rotary_dim,
+                    " exceeds the CUDA kernel's limit of ", kMaxRotaryDimCuda);
+  C10_CUDA_CHECK(launch_rope(p, dtype_of(q), c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                                             const at::Tensor& positions, const at::Tensor& inv_freq,
+                                             double attention_scaling, int64_t rotary_dim,
+                                             bool interleaved, bool inverse) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  RopeParams p = make_rope_params(q, k, positions, inv_freq, attention_scaling, rotary_dim,
+                                  interleaved, inverse);
+  auto outs = allocate_rope_outputs(p, q, k);
+  launch(p, q);
+  return outs;
+}
+
+void rope_inplace_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                       const at::Tensor& positions, const at::Tensor& inv_freq,
+                       double attention_scaling, int64_t rotary_dim, bool interleaved, bool inverse) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  RopeParams p = make_rope_params(q, k, positions, inv_freq, attention_scaling, rotary_dim,
+                                  interleaved, inverse);
+  set_rope_inplace(p, q, k);
+  launch(p, q);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
+  m.impl("rope", &rope_cuda);
+  m.impl("rope_", &rope_inplace_cuda);
+}
+
+}  // namespace longattn::cuda
