@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, _ops, _rope_ops  # noqa: F401  (registers ops, fake kernels, autograd)
+from . import _C, _ops, _rope_ops, _kvcache_ops  # noqa: F401  (registers ops, fake kernels, autograd)
 from .attention import UNBOUNDED, attention, merge_attention, window_bounds
 from .dilated import dilated_attention
 from . import ring
