@@ -118,10 +118,9 @@ void item_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t j0, int64_t 
     const C* kr = as_compute<T, C>(kb + j * a.ks[2], w.kf.data(), D);
     const int64_t kpos = a.pos ? a.pos[b * a.ps[0] + h * a.ps[1] + j * a.ps[2]] : j;
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t i = r % a.n;
       const bool has_q = a.qpos != nullptr;
-      const int64_t qp = has_q ? a.qpos[b * a.qps[0] + i * a.qps[1]] : 0;
-      const bool vis = kv::decode_visible(j, kpos, has_q, qp, a.window, a.sinks);
+      const int64_t qp = has_q ? a.qpos[b * a.qps[0] + (r % a.n) * a.qps[1]] : 0;
+      const bool vis = !has_q || kv::decode_visible(j, kpos, true, qp, a.window, a.sinks);
       w.s[r * kv::kDecodeChunk + (j - j0)] =
           vis ? dot<C>(w.qf.data() + r * D, kr, D) * scale : -std::numeric_limits<C>::infinity();
     }
@@ -138,6 +137,8 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
   const int64_t heads = a.B * a.Hkv, items = heads * nch;
   const C ninf = -std::numeric_limits<C>::infinity();
   std::vector<C> part_out(items * R * a.Dv), part_lse(items * R, ninf), full_lse(heads * R);
+  // With a score buffer, phase 1 keeps its logits for phase 3 (B * Hq * n * max_len values).
+  std::vector<C> logits(a.scores != nullptr ? items * R * CH : 0);
   auto length_of = [&](int64_t bh) { return read_int(a.lengths, bh); };
 
   // Phase 1: partial attention per chunk.
@@ -151,6 +152,9 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
         std::fill(po, po + R * a.Dv, C(0));
         if (j0 >= j1) return;
         item_logits<T>(a, b, h, j0, j1, w);
+        if (!logits.empty()) {
+          std::copy(w.s.begin(), w.s.begin() + R * CH, logits.begin() + it * R * CH);
+        }
         for (int64_t r = 0; r < R; ++r) {
           C* s = w.s.data() + r * CH;
           C m = ninf;
@@ -223,21 +227,22 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
     }
   });
 
-  // Phase 3: scores[b, h, j] += sum over the group's rows of the probabilities.
+  // Phase 3: scores[b, h, j] += sum over the group's rows of the probabilities, from the
+  // logits phase 1 kept.
   if (a.scores == nullptr) return;
   parallel_items(
-      items, [&] { return DecodeScratch<T>(R, a.D, a.Dv); },
-      [&](int64_t it, DecodeScratch<T>& w) {
+      items, [] { return 0; },
+      [&](int64_t it, int&) {
         const int64_t bh = it / nch, c = it % nch, b = bh / a.Hkv, h = bh % a.Hkv;
         const int64_t j0 = c * CH, j1 = std::min(length_of(bh), j0 + CH);
         if (j0 >= j1) return;
-        item_logits<T>(a, b, h, j0, j1, w);
+        const C* ls = logits.data() + it * R * CH;
         float* sc = a.scores + b * a.ss[0] + h * a.ss[1];
         for (int64_t j = j0; j < j1; ++j) {
           C total = 0;
           for (int64_t r = 0; r < R; ++r) {
             const C lr = full_lse[bh * R + r];
-            const C s = w.s[r * CH + (j - j0)];
+            const C s = ls[r * CH + (j - j0)];
             if (lr == ninf || s == ninf) continue;
             total += static_cast<C>(std::exp(s - lr));
           }
