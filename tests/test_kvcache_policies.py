@@ -182,3 +182,19 @@ def test_adakv_compress_keeps_sinks_and_recent():
     for h in range(H):
         pos = cache.live(0, h)[2].tolist()
         assert pos[:2] == [0, 1] and pos[-3:] == [97, 98, 99] and len(pos) >= 10
+
+
+def test_generation_demo():
+    """examples/kvcache_generation.py: full-size caches reproduce the full causal forward;
+    a StreamingLLM stream keeps the cache's memory flat."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "kvcache_generation.py")
+    spec = importlib.util.spec_from_file_location("kvcache_generation", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    model = demo.TinyLlama().eval()
+    assert demo.check_full_cache(model, prompt_len=24, new=8) < 1e-4
+    sizes = demo.stream(model, 120, n_sink=4, n_recent=20)
+    assert len({s[1] for s in sizes}) == 1 and all(s[2] <= 25 and s[3] for s in sizes)
