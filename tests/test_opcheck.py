@@ -149,3 +149,41 @@ def test_opcheck_merge_backward(case, with_dlse, device):
     assert len(douts) == len(outs) and len(dlses) == len(lses)
     for a, b in zip(douts + dlses, outs + lses):
         assert a.shape == b.shape
+
+
+# Ops whose opcheck cases live with their family's tests.
+OPS_ELSEWHERE = {"rope": "tests/test_rope.py", "rope_": "tests/test_rope.py",
+                 "ring_attention": "below", "ring_attention_backward": "below",
+                 "decode_attention": "tests/test_kvcache.py", "compact_": "tests/test_kvcache.py"}
+OPS.extend(OPS_ELSEWHERE)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A single-process gloo group: the ring ops need a group, not peers."""
+    import torch.distributed as dist
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    yield dist.group.WORLD.group_name
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ring", "allgather"])
+@pytest.mark.parametrize("sink", [False, True])
+def test_opcheck_ring_ops(one_rank_group, mode, sink):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 12, 4, 16, generator=g, requires_grad=True)
+    k = torch.randn(1, 12, 2, 16, generator=g, requires_grad=True)
+    v = torch.randn(1, 12, 2, 16, generator=g, requires_grad=True)
+    sink_logits = torch.randn(4, generator=g).requires_grad_() if sink else None
+    scalars = (one_rank_group, "zigzag", mode, True, 5, 0, 2, 0.25, 0.0, 0.0, 0.0)
+    fwd_args = (q, k, v, None, sink_logits) + scalars + (True, "")
+    torch.library.opcheck(torch.ops.longattn.ring_attention, fwd_args)
+    out, lse, lengths = torch.ops.longattn.ring_attention(*fwd_args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(),
+                v.detach(), out.detach(), lse.detach(), lengths, None,
+                sink_logits.detach() if sink else None) + scalars
+    torch.library.opcheck(torch.ops.longattn.ring_attention_backward, bwd_args)

@@ -455,3 +455,8 @@ def select_keep_ref(scores, lengths, n_sink, n_recent, budget):
             row.append(sorted(fixed | set(middle[: bud - len(fixed)])))
         res.append(row)
     return res
+
+
+# RoPE and the training-free extension methods keep their references in rope_reference.py;
+# re-exported so this module stays the one place to find every op's reference.
+from .rope_reference import *  # noqa: E402,F401,F403
