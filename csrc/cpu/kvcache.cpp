@@ -18,10 +18,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/kvcache_math.h"
 #include "cpu/parallel.h"
+#include "cpu/vec_math.h"
 
 namespace longattn::cpu {
 namespace {
@@ -86,6 +88,14 @@ template <typename T, typename C>
 inline const C* as_compute(const T* src, C* buf, int64_t D) {
   if constexpr (std::is_same_v<T, C>) {
     return src;
+  } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, float>) {
+    // bf16 is the top half of an fp32: a shift the compiler vectorizes (c10's cast does not).
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t d = 0; d < D; ++d) {
+      const uint32_t bits = static_cast<uint32_t>(u[d]) << 16;
+      std::memcpy(buf + d, &bits, sizeof(float));
+    }
+    return buf;
   } else {
     for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<C>(src[d]);
     return buf;
@@ -138,7 +148,7 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
   const C ninf = -std::numeric_limits<C>::infinity();
   std::vector<C> part_out(items * R * a.Dv), part_lse(items * R, ninf), full_lse(heads * R);
   // With a score buffer, phase 1 keeps its logits for phase 3 (B * Hq * n * max_len values).
-  std::vector<C> logits(a.scores != nullptr ? items * R * CH : 0);
+  std::unique_ptr<C[]> logits(a.scores != nullptr ? new C[items * R * CH] : nullptr);
   auto length_of = [&](int64_t bh) { return read_int(a.lengths, bh); };
 
   // Phase 1: partial attention per chunk.
@@ -152,20 +162,12 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
         std::fill(po, po + R * a.Dv, C(0));
         if (j0 >= j1) return;
         item_logits<T>(a, b, h, j0, j1, w);
-        if (!logits.empty()) {
-          std::copy(w.s.begin(), w.s.begin() + R * CH, logits.begin() + it * R * CH);
-        }
+        if (logits) std::copy(w.s.begin(), w.s.begin() + R * CH, logits.get() + it * R * CH);
         for (int64_t r = 0; r < R; ++r) {
           C* s = w.s.data() + r * CH;
           C m = ninf;
           for (int64_t j = 0; j < j1 - j0; ++j) m = std::max(m, s[j]);
-          C l = 0;
-          if (m != ninf) {
-            for (int64_t j = 0; j < j1 - j0; ++j) {
-              s[j] = static_cast<C>(std::exp(s[j] - m));
-              l += s[j];
-            }
-          }
+          const C l = m != ninf ? exp_sum<C>(s, j1 - j0, C(1), m) : C(0);
           w.m[r] = m;
           w.l[r] = l;
         }
@@ -236,18 +238,18 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
         const int64_t bh = it / nch, c = it % nch, b = bh / a.Hkv, h = bh % a.Hkv;
         const int64_t j0 = c * CH, j1 = std::min(length_of(bh), j0 + CH);
         if (j0 >= j1) return;
-        const C* ls = logits.data() + it * R * CH;
-        float* sc = a.scores + b * a.ss[0] + h * a.ss[1];
-        for (int64_t j = j0; j < j1; ++j) {
-          C total = 0;
-          for (int64_t r = 0; r < R; ++r) {
-            const C lr = full_lse[bh * R + r];
-            const C s = ls[r * CH + (j - j0)];
-            if (lr == ninf || s == ninf) continue;
-            total += static_cast<C>(std::exp(s - lr));
-          }
-          sc[j * a.ss[2]] += static_cast<float>(total);
+        const C* ls = logits.get() + it * R * CH;
+        const int64_t nj = j1 - j0;
+        std::vector<C> tmp(nj), total(nj, C(0));
+        for (int64_t r = 0; r < R; ++r) {  // rows in order: a fixed summation order
+          const C lr = full_lse[bh * R + r];
+          if (lr == ninf) continue;
+          std::copy(ls + r * CH, ls + r * CH + nj, tmp.begin());
+          exp_sum<C>(tmp.data(), nj, C(1), lr);
+          for (int64_t j = 0; j < nj; ++j) total[j] += tmp[j];
         }
+        float* sc = a.scores + b * a.ss[0] + h * a.ss[1];
+        for (int64_t j = 0; j < nj; ++j) sc[(j0 + j) * a.ss[2]] += static_cast<float>(total[j]);
       });
 }
 
