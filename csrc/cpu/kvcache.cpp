@@ -24,6 +24,7 @@
 #include "common/kvcache_math.h"
 #include "cpu/parallel.h"
 #include "cpu/vec_math.h"
+#include <ATen/cpu/vec/functional.h>
 
 namespace longattn::cpu {
 namespace {
@@ -88,13 +89,16 @@ template <typename T, typename C>
 inline const C* as_compute(const T* src, C* buf, int64_t D) {
   if constexpr (std::is_same_v<T, C>) {
     return src;
-  } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, float>) {
-    // bf16 is the top half of an fp32: a shift the compiler vectorizes (c10's cast does not).
-    const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t d = 0; d < D; ++d) {
-      const uint32_t bits = static_cast<uint32_t>(u[d]) << 16;
-      std::memcpy(buf + d, &bits, sizeof(float));
+  } else if constexpr (std::is_same_v<C, float>) {
+    // bf16 / fp16: at::vec's widening conversion (c10's scalar casts do not vectorize).
+    using rVec = at::vec::Vectorized<T>;
+    int64_t d = 0;
+    for (; d + rVec::size() <= D; d += rVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(rVec::loadu(src + d));
+      lo.store(buf + d);
+      hi.store(buf + d + rVec::size() / 2);
     }
+    for (; d < D; ++d) buf[d] = static_cast<float>(src[d]);
     return buf;
   } else {
     for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<C>(src[d]);
