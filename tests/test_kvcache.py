@@ -284,3 +284,25 @@ def test_torch_compile_fullgraph():
     a2 = [t.clone() for t in a1]
     r1, r2 = g(*a1), torch.compile(g, fullgraph=True)(*a2)
     assert torch.equal(r1, r2) and all(torch.equal(x, y) for x, y in zip(a1, a2))
+
+
+def test_append_with_different_head_lengths():
+    B, H, D = 2, 3, 4
+    cache = kvc.KVCache(B, H, D, 16, track_scores=True)
+    k0, v0 = torch.randn(B, H, 10, D), torch.randn(B, H, 10, D)
+    cache.append(k0, v0)
+    cache.scores.fill_(1.0)
+    keep = torch.tensor([[0, 2, 5, 9, -1], [1, 3, -1, -1, -1], [0, 1, 2, 3, 4]]).expand(B, H, 5)
+    counts = torch.tensor([[4, 2, 5], [4, 2, 5]])
+    cache.compact_(keep, counts)
+    k1, v1 = torch.randn(B, H, 2, D), torch.randn(B, H, 2, D)
+    cache.append(k1, v1)
+    for b in range(B):
+        for h in range(H):
+            n = int(counts[b, h])
+            idx = keep[b, h, :n]
+            kk, vv, pp = cache.live(b, h)
+            assert torch.equal(kk, torch.cat([k0[b, h, idx], k1[b, h]]))
+            assert torch.equal(vv, torch.cat([v0[b, h, idx], v1[b, h]]))
+            assert pp.tolist() == idx.tolist() + [10, 11]
+            assert cache.scores[b, h, :n + 2].tolist() == [1.0] * n + [0.0, 0.0]

@@ -327,18 +327,18 @@ class StreamingLLM:
     def shift_positions(self, cache: KVCache) -> None:
         from .rope import rerotate_keys
 
-        slot = torch.arange(cache.capacity, device=cache.device).expand_as(cache.positions)
+        M = cache.max_length()  # only the live prefix [0, M) of every head is rotated
+        B, H, C, D = cache.k.shape
+        slot = torch.arange(M, device=cache.device).expand(B, H, M)
+        old = cache.positions[:, :, :M]
         live = slot < cache.lengths.to(torch.int64)[..., None]
-        new = torch.where(live, slot, cache.positions)
-        if not torch.equal(new, cache.positions):
-            B, H, C, D = cache.k.shape
-            k = cache.k if cache.k.is_contiguous() else cache.k.contiguous()
-            k = rerotate_keys(k.view(B * H * C, 1, D), cache.positions.reshape(-1), new.reshape(-1),
-                              self.inv_freq, rotary_dim=self.rotary_dim,
-                              interleaved=self.interleaved, inplace=True)
-            if k.data_ptr() != cache.k.data_ptr():
-                cache.k.copy_(k.view(B, H, C, D))
-            cache.positions.copy_(new)
+        new = torch.where(live, slot, old)
+        if M and not torch.equal(new, old):
+            # Heads as the batch dim: (B*H, M, 1, D) views of the cache with per-row positions.
+            k = cache.k.view(B * H, C, 1, D)[:, :M]
+            rerotate_keys(k, old.reshape(B * H, M), new.reshape(B * H, M), self.inv_freq,
+                          rotary_dim=self.rotary_dim, interleaved=self.interleaved, inplace=True)
+            cache.positions[:, :, :M] = new
         cache.next_position = cache.lengths.to(torch.int64).amax(dim=1)
 
 
