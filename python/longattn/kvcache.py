@@ -395,7 +395,9 @@ class SnapKV:
     (softmax probabilities summed over the window queries and the q heads of each kv head), the
     votes over the prefix are pooled along the keys (``pooling`` "max" or "avg", odd
     ``kernel_size``, stride 1), and each head keeps its top ``budget - window`` prefix keys plus
-    the ``window`` newest keys (the observation window itself)."""
+    the ``window`` newest keys (the observation window itself). Summing over the group's q
+    heads before pooling ranks keys like averaging after pooling when ``pooling="avg"`` (as
+    kvpress's SnapKVPress does; pooling is linear); with "max" the two can differ."""
 
     def __init__(self, budget: int, window: int = 32, kernel_size: int = 7, pooling: str = "max",
                  n_sink: int = 0):
