@@ -36,4 +36,19 @@ TORCH_LIBRARY(longattn, m) {
   m.def(
       "rope_(Tensor(a!) q, Tensor(b!)? k, Tensor positions, Tensor inv_freq, "
       "float attention_scaling, int rotary_dim, bool interleaved, bool inverse) -> ()");
+  // KV cache (python/longattn/kvcache.py). decode_attention: q (B, Hq, n, D) over a cache
+  // (B, Hkv, C, D) with per-(b, h) lengths; key j of (b, h) is visible to new query i when
+  // j < lengths[b, h] and, with q_positions (B, n): positions[b, h, j] (default j) <=
+  // q_positions[b, i] and (window < 0 or the distance <= window or j < sinks). Returns out
+  // (B, Hq, n, Dv) and lse (B, Hq, n). With scores (B, Hkv, C) fp32, adds the probabilities
+  // summed over the q heads of each kv head and over the n queries (in place).
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, "
+      "Tensor? positions, Tensor? q_positions, float scale, int window, int sinks, "
+      "Tensor(a!)? scores) -> (Tensor out, Tensor lse)");
+  // Keep keep[b, h, :keep_lengths[b, h]] (strictly ascending, < lengths[b, h]) of every
+  // (b, h), moving rows down in place with their positions and scores; lengths <- keep_lengths.
+  m.def(
+      "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? positions, "
+      "Tensor(d!)? scores, Tensor(e!) lengths, Tensor keep, Tensor keep_lengths) -> ()");
 }

@@ -9,6 +9,8 @@ Public API:
     apply_rope          fused RoPE on q and k (NeoX / GPT-J pairing, partial rotary, exact angles)
     rope                frequencies() for every context-extension scaling, rerotate_keys()
     extend              SelfExtend, ReRoPE, LM-Infinite on top of attention + merge
+    kvcache             KVCache with per-head lengths, decode_attention (fused H2O scores),
+                        in-place compact_, select_keep, StreamingLLM/H2O/TOVA/SnapKV/Ada-KV
     build_info          how the extension was compiled
 The raw ops live in ``torch.ops.longattn``.
 """
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, _ops, _rope_ops  # noqa: F401  (registers ops, fake kernels, autograd)
+from . import _C, _ops, _rope_ops, _kvcache_ops  # noqa: F401  (registers ops, fake kernels, autograd)
 from .attention import UNBOUNDED, attention, merge_attention, window_bounds
 from .dilated import dilated_attention
-from . import ring, rope, extend
+from . import ring, rope, extend, kvcache
 from .ring import ring_attention
 from .rope import apply_rope
 
@@ -32,5 +34,5 @@ def build_info() -> dict:
 
 
 __all__ = ["attention", "merge_attention", "dilated_attention", "ring_attention", "ring",
-           "apply_rope", "rope", "extend",
+           "apply_rope", "rope", "extend", "kvcache",
            "build_info", "UNBOUNDED", "window_bounds", "__version__"]

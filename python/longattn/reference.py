@@ -384,6 +384,79 @@ def dilated_attention_ref(
     return merge_attention_ref(outs, lses, upcast=upcast, out_dtype=q.dtype)
 
 
+# --------------------------------------------------------------------------------------
+# KV cache (longattn.kvcache)
+# --------------------------------------------------------------------------------------
+
+
+def decode_attention_ref(q, k_cache, v_cache, lengths, *, positions=None, q_positions=None,
+                         scale=None, window=None, sinks=0, upcast=True):
+    """Eager reference of ``longattn.kvcache.decode_attention``.
+
+    Returns ``out`` (q's dtype), ``lse`` and ``probs`` ``(B, Hq, n, C)`` (the softmax
+    probabilities, 0 for masked or uncached slots), computed in fp64 when ``upcast``. The score
+    increment of the op is ``probs.view(B, Hkv, G, n, C).sum((2, 3))``.
+    """
+    B, Hq, n, D = q.shape
+    Hkv, C = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    ct = torch.float64 if upcast else q.dtype
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k_cache.to(ct).repeat_interleave(G, dim=1)
+    v = v_cache.to(ct).repeat_interleave(G, dim=1)
+    s = torch.einsum("bhid,bhjd->bhij", q.to(ct), k) * scale
+    slot = torch.arange(C, device=q.device)
+    vis = slot < lengths.to(torch.int64).repeat_interleave(G, dim=1)[..., None, None]  # (B,Hq,1,C)
+    vis = vis.expand(B, Hq, n, C)
+    if q_positions is not None:
+        kpos = slot.expand(B, Hkv, C) if positions is None else positions
+        kpos = kpos.repeat_interleave(G, dim=1)[:, :, None, :]  # (B,Hq,1,C)
+        qp = q_positions[:, None, :, None]  # (B,1,n,1)
+        ok = kpos <= qp
+        if window is not None:
+            ok = ok & ((qp - kpos <= window) | (slot < sinks))
+        vis = vis & ok
+    s = s.masked_fill(~vis, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0).masked_fill(~vis, 0.0)
+    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out.to(q.dtype), lse.to(lse_dt), p
+
+
+def compact_ref(t, keep, keep_lengths):
+    """Out-of-place compaction: row j of (b, h) becomes t[b, h, keep[b, h, j]] for j < count
+    (rows beyond the count are left as they were). t is ``(B, H, C, ...)``."""
+    out = t.clone()
+    B, H = keep.shape[:2]
+    for b in range(B):
+        for h in range(H):
+            n = int(keep_lengths[b, h])
+            out[b, h, :n] = t[b, h, keep[b, h, :n].long()]
+    return out
+
+
+def select_keep_ref(scores, lengths, n_sink, n_recent, budget):
+    """Straightforward per-head loop for ``select_keep``: returns a list of lists of kept
+    indices (ascending) per (b, h). Ties between equal scores go to the lower slot."""
+    B, H, _ = scores.shape
+    res = []
+    for b in range(B):
+        row = []
+        for h in range(H):
+            L = int(lengths[b, h])
+            bud = int(budget[b, h]) if isinstance(budget, torch.Tensor) else int(budget)
+            if L <= bud:
+                row.append(list(range(L)))
+                continue
+            fixed = set(range(min(n_sink, L))) | set(range(max(L - n_recent, 0), L))
+            middle = [j for j in range(L) if j not in fixed]
+            middle.sort(key=lambda j: (-float(scores[b, h, j]), j))
+            row.append(sorted(fixed | set(middle[: bud - len(fixed)])))
+        res.append(row)
+    return res
+
+
 # RoPE and the training-free extension methods keep their references in rope_reference.py;
 # re-exported so this module stays the one place to find every op's reference.
 from .rope_reference import *  # noqa: E402,F401,F403

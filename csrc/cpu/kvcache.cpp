@@ -1,0 +1,426 @@
+// CPU KV-cache ops: decode attention over a per-head-length cache (flash-decoding split with
+// an optional fused score accumulation) and in-place compaction.
+//
+// decode_attention: work items are (batch, kv head, key chunk of kDecodeChunk). An item loads
+// each key/value row once and uses it for all G*n query rows of the GQA group (G query heads x
+// n new tokens), writing a partial (out, lse) for its chunk. Partials are merged per row in
+// chunk order, so the result does not depend on the thread count. With a score buffer a
+// second pass over the same items recomputes the logits and adds exp(s - lse) summed over the
+// group's rows into scores[b, h, j]: each item owns its keys, so the sum is deterministic.
+//
+// compact_: every keep list is validated before anything moves (a bad index leaves the cache
+// untouched); then (batch, head) items copy row idx[j] down to row j. Indices are strictly
+// ascending, so idx[j] >= j and no row is read after it was overwritten.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "common/kvcache_math.h"
+#include "cpu/parallel.h"
+#include "cpu/vec_math.h"
+#include <ATen/cpu/vec/functional.h>
+
+namespace longattn::cpu {
+namespace {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+int64_t read_int(const at::Tensor& t, int64_t off) {
+  return t.scalar_type() == at::kLong ? t.const_data_ptr<int64_t>()[off]
+                                      : static_cast<int64_t>(t.const_data_ptr<int32_t>()[off]);
+}
+
+void check_int_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              "longattn: ", name, " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "longattn: ", name, " must be ", dim, "-D, got ", t.sizes());
+}
+
+void check_cache_pair(const at::Tensor& k, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op, ": k_cache and v_cache must be (batch, kv_heads, "
+              "capacity, head_dim), got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), op, ": k_cache and v_cache dtypes differ (",
+              k.scalar_type(), " vs ", v.scalar_type(), ")");
+  TORCH_CHECK(k.device() == v.device(), op, ": k_cache and v_cache devices differ");
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2), op,
+              ": k_cache ", k.sizes(), " and v_cache ", v.sizes(), " disagree on batch, heads or "
+              "capacity");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, op,
+              ": the cache's head_dim must be contiguous (stride 1)");
+}
+
+// ---------------------------------------------------------------------------------------
+// decode_attention
+// ---------------------------------------------------------------------------------------
+
+struct DecodeArgs {
+  int64_t B, Hq, Hkv, G, n, D, Dv, C;
+  double scale;
+  int64_t window, sinks;
+  const void* q;  // contiguous (B, Hq, n, D)
+  const void* k;
+  const void* v;
+  int64_t ks[3], vs[3];  // strides of b, h, slot
+  at::Tensor lengths;
+  const int64_t* pos = nullptr;  // (B, Hkv, C) strides ps
+  int64_t ps[3] = {0, 0, 0};
+  const int64_t* qpos = nullptr;  // (B, n) strides qps
+  int64_t qps[2] = {0, 0};
+  float* scores = nullptr;  // (B, Hkv, C) strides ss
+  int64_t ss[3] = {0, 0, 0};
+};
+
+template <typename C>
+inline C dot(const C* __restrict a, const C* __restrict b, int64_t D) {
+  C s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+template <typename T, typename C>
+inline const C* as_compute(const T* src, C* buf, int64_t D) {
+  if constexpr (std::is_same_v<T, C>) {
+    return src;
+  } else if constexpr (std::is_same_v<C, float>) {
+    // bf16 / fp16: at::vec's widening conversion (c10's scalar casts do not vectorize).
+    using rVec = at::vec::Vectorized<T>;
+    int64_t d = 0;
+    for (; d + rVec::size() <= D; d += rVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(rVec::loadu(src + d));
+      lo.store(buf + d);
+      hi.store(buf + d + rVec::size() / 2);
+    }
+    for (; d < D; ++d) buf[d] = static_cast<float>(src[d]);
+    return buf;
+  } else {
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<C>(src[d]);
+    return buf;
+  }
+}
+
+template <typename T>
+struct DecodeScratch {
+  using C = acc_t<T>;
+  std::vector<C> qf, kf, vf, s, acc, m, l;
+  DecodeScratch(int64_t R, int64_t D, int64_t Dv)
+      : qf(R * D), kf(D), vf(Dv), s(R * kv::kDecodeChunk), acc(R * Dv), m(R), l(R) {}
+};
+
+// Logits of the item's rows against keys [j0, j1), masked to -inf. Returns per-row maxima.
+template <typename T>
+void item_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1,
+                 DecodeScratch<T>& w) {
+  using C = acc_t<T>;
+  const int64_t R = a.G * a.n, D = a.D;
+  const T* q = static_cast<const T*>(a.q);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / a.n, i = r % a.n;
+    const T* src = q + (((b * a.Hq) + h * a.G + g) * a.n + i) * D;
+    for (int64_t d = 0; d < D; ++d) w.qf[r * D + d] = static_cast<C>(src[d]);
+  }
+  const C scale = static_cast<C>(a.scale);
+  const T* kb = static_cast<const T*>(a.k) + b * a.ks[0] + h * a.ks[1];
+  for (int64_t j = j0; j < j1; ++j) {
+    const C* kr = as_compute<T, C>(kb + j * a.ks[2], w.kf.data(), D);
+    const int64_t kpos = a.pos ? a.pos[b * a.ps[0] + h * a.ps[1] + j * a.ps[2]] : j;
+    for (int64_t r = 0; r < R; ++r) {
+      const bool has_q = a.qpos != nullptr;
+      const int64_t qp = has_q ? a.qpos[b * a.qps[0] + (r % a.n) * a.qps[1]] : 0;
+      const bool vis = !has_q || kv::decode_visible(j, kpos, true, qp, a.window, a.sinks);
+      w.s[r * kv::kDecodeChunk + (j - j0)] =
+          vis ? dot<C>(w.qf.data() + r * D, kr, D) * scale : -std::numeric_limits<C>::infinity();
+    }
+  }
+}
+
+template <typename T>
+void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
+  using C = acc_t<T>;
+  const int64_t R = a.G * a.n, CH = kv::kDecodeChunk;
+  int64_t max_len = 0;
+  for (int64_t x = 0; x < a.B * a.Hkv; ++x) max_len = std::max(max_len, read_int(a.lengths, x));
+  const int64_t nch = std::max<int64_t>(1, (max_len + CH - 1) / CH);
+  const int64_t heads = a.B * a.Hkv, items = heads * nch;
+  const C ninf = -std::numeric_limits<C>::infinity();
+  std::vector<C> part_out(items * R * a.Dv), part_lse(items * R, ninf), full_lse(heads * R);
+  // With a score buffer, phase 1 keeps its logits for phase 3 (B * Hq * n * max_len values).
+  std::unique_ptr<C[]> logits(a.scores != nullptr ? new C[items * R * CH] : nullptr);
+  auto length_of = [&](int64_t bh) { return read_int(a.lengths, bh); };
+
+  // Phase 1: partial attention per chunk.
+  parallel_items(
+      items, [&] { return DecodeScratch<T>(R, a.D, a.Dv); },
+      [&](int64_t it, DecodeScratch<T>& w) {
+        const int64_t bh = it / nch, c = it % nch, b = bh / a.Hkv, h = bh % a.Hkv;
+        const int64_t j0 = c * CH, j1 = std::min(length_of(bh), j0 + CH);
+        C* po = part_out.data() + it * R * a.Dv;
+        C* pl = part_lse.data() + it * R;
+        std::fill(po, po + R * a.Dv, C(0));
+        if (j0 >= j1) return;
+        item_logits<T>(a, b, h, j0, j1, w);
+        if (logits) std::copy(w.s.begin(), w.s.begin() + R * CH, logits.get() + it * R * CH);
+        for (int64_t r = 0; r < R; ++r) {
+          C* s = w.s.data() + r * CH;
+          C m = ninf;
+          for (int64_t j = 0; j < j1 - j0; ++j) m = std::max(m, s[j]);
+          const C l = m != ninf ? exp_sum<C>(s, j1 - j0, C(1), m) : C(0);
+          w.m[r] = m;
+          w.l[r] = l;
+        }
+        std::fill(w.acc.begin(), w.acc.end(), C(0));
+        const T* vb = static_cast<const T*>(a.v) + b * a.vs[0] + h * a.vs[1];
+        for (int64_t j = j0; j < j1; ++j) {
+          const C* vr = as_compute<T, C>(vb + j * a.vs[2], w.vf.data(), a.Dv);
+          for (int64_t r = 0; r < R; ++r) {
+            if (w.m[r] == ninf) continue;
+            const C p = w.s[r * CH + (j - j0)];
+            if (p == C(0)) continue;
+            C* accr = w.acc.data() + r * a.Dv;
+#pragma omp simd
+            for (int64_t d = 0; d < a.Dv; ++d) accr[d] += p * vr[d];
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          if (w.m[r] == ninf) continue;
+          const C inv = C(1) / w.l[r];
+          for (int64_t d = 0; d < a.Dv; ++d) po[r * a.Dv + d] = w.acc[r * a.Dv + d] * inv;
+          pl[r] = w.m[r] + static_cast<C>(std::log(w.l[r]));
+        }
+      });
+
+  // Phase 2: merge the chunks of every row in chunk order.
+  T* o = out.data_ptr<T>();
+  parallel_for(heads * R, 64, [&](int64_t begin, int64_t end) {
+    std::vector<C> acc(a.Dv);
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t bh = x / R, r = x % R, b = bh / a.Hkv, h = bh % a.Hkv;
+      const int64_t g = r / a.n, i = r % a.n;
+      C mx = ninf;
+      for (int64_t c = 0; c < nch; ++c) mx = std::max(mx, part_lse[(bh * nch + c) * R + r]);
+      std::fill(acc.begin(), acc.end(), C(0));
+      C final_lse = ninf;
+      if (mx != ninf) {
+        C sum = 0;
+        for (int64_t c = 0; c < nch; ++c) {
+          const C lc = part_lse[(bh * nch + c) * R + r];
+          if (lc != ninf) sum += static_cast<C>(std::exp(lc - mx));
+        }
+        const C inv = C(1) / sum;
+        for (int64_t c = 0; c < nch; ++c) {
+          const C wgt = kv::merge_weight<C>(part_lse[(bh * nch + c) * R + r], mx, inv);
+          if (wgt == C(0)) continue;
+          const C* po = part_out.data() + ((bh * nch + c) * R + r) * a.Dv;
+          for (int64_t d = 0; d < a.Dv; ++d) acc[d] += wgt * po[d];
+        }
+        final_lse = mx + static_cast<C>(std::log(sum));
+      }
+      full_lse[x] = final_lse;
+      const int64_t row = ((b * a.Hq) + h * a.G + g) * a.n + i;
+      for (int64_t d = 0; d < a.Dv; ++d) o[row * a.Dv + d] = static_cast<T>(acc[d]);
+      if (lse.scalar_type() == at::kDouble) {
+        lse.data_ptr<double>()[row] = static_cast<double>(final_lse);
+      } else {
+        lse.data_ptr<float>()[row] = static_cast<float>(final_lse);
+      }
+    }
+  });
+
+  // Phase 3: scores[b, h, j] += sum over the group's rows of the probabilities, from the
+  // logits phase 1 kept.
+  if (a.scores == nullptr) return;
+  parallel_items(
+      items, [] { return 0; },
+      [&](int64_t it, int&) {
+        const int64_t bh = it / nch, c = it % nch, b = bh / a.Hkv, h = bh % a.Hkv;
+        const int64_t j0 = c * CH, j1 = std::min(length_of(bh), j0 + CH);
+        if (j0 >= j1) return;
+        const C* ls = logits.get() + it * R * CH;
+        const int64_t nj = j1 - j0;
+        std::vector<C> tmp(nj), total(nj, C(0));
+        for (int64_t r = 0; r < R; ++r) {  // rows in order: a fixed summation order
+          const C lr = full_lse[bh * R + r];
+          if (lr == ninf) continue;
+          std::copy(ls + r * CH, ls + r * CH + nj, tmp.begin());
+          exp_sum<C>(tmp.data(), nj, C(1), lr);
+          for (int64_t j = 0; j < nj; ++j) total[j] += tmp[j];
+        }
+        float* sc = a.scores + b * a.ss[0] + h * a.ss[1];
+        for (int64_t j = 0; j < nj; ++j) sc[(j0 + j) * a.ss[2]] += static_cast<float>(total[j]);
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& lengths, const std::optional<at::Tensor>& positions,
+    const std::optional<at::Tensor>& q_positions, double scale, int64_t window, int64_t sinks,
+    const std::optional<at::Tensor>& scores) {
+  constexpr const char* op = "longattn.decode_attention";
+  check_cache_pair(k_cache, v_cache, op);
+  TORCH_CHECK(q.dim() == 4, op, ": q must be (batch, q_heads, n_new, head_dim), got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), op, ": q dtype ", q.scalar_type(),
+              " differs from the cache's ", k_cache.scalar_type());
+  TORCH_CHECK(q.device() == k_cache.device(), op, ": q is on ", q.device(), ", the cache on ",
+              k_cache.device());
+  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(1), C = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B, op, ": q batch ", B, " vs cache batch ", k_cache.size(0));
+  TORCH_CHECK(k_cache.size(3) == D, op, ": q head_dim ", D, " vs cache head_dim ",
+              k_cache.size(3));
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads (", Hq,
+              ") must be a multiple of the cache's kv heads (", Hkv, ")");
+  check_int_tensor(lengths, "lengths", 2);
+  TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == Hkv, op, ": lengths must be (", B, ", ",
+              Hkv, "), got ", lengths.sizes());
+  at::Tensor len_c = lengths.contiguous();
+  for (int64_t x = 0; x < B * Hkv; ++x) {
+    const int64_t L = read_int(len_c, x);
+    TORCH_CHECK(L >= 0 && L <= C, op, ": lengths must lie in [0, capacity=", C, "], got ", L);
+  }
+  DecodeArgs a{};
+  at::Tensor qc = q.contiguous();
+  a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.G = Hq / Hkv; a.n = n; a.D = D; a.Dv = v_cache.size(3);
+  a.C = C; a.scale = scale; a.window = window; a.sinks = sinks;
+  a.q = qc.const_data_ptr(); a.k = k_cache.const_data_ptr(); a.v = v_cache.const_data_ptr();
+  for (int d = 0; d < 3; ++d) { a.ks[d] = k_cache.stride(d); a.vs[d] = v_cache.stride(d); }
+  a.lengths = len_c;
+  if (positions.has_value()) {
+    const auto& p = *positions;
+    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 3 && p.size(0) == B &&
+                    p.size(1) == Hkv && p.size(2) == C,
+                op, ": positions must be int64 (", B, ", ", Hkv, ", ", C, "), got ",
+                p.scalar_type(), " ", p.sizes());
+    TORCH_CHECK(p.device() == q.device(), op, ": positions on the wrong device");
+    a.pos = p.const_data_ptr<int64_t>();
+    for (int d = 0; d < 3; ++d) a.ps[d] = p.stride(d);
+  }
+  if (q_positions.has_value()) {
+    const auto& p = *q_positions;
+    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 2 && p.size(0) == B && p.size(1) == n,
+                op, ": q_positions must be int64 (", B, ", ", n, "), got ", p.scalar_type(), " ",
+                p.sizes());
+    TORCH_CHECK(p.device() == q.device(), op, ": q_positions on the wrong device");
+    a.qpos = p.const_data_ptr<int64_t>();
+    a.qps[0] = p.stride(0); a.qps[1] = p.stride(1);
+  }
+  if (scores.has_value()) {
+    const auto& s = *scores;
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 3 && s.size(0) == B &&
+                    s.size(1) == Hkv && s.size(2) == C,
+                op, ": scores must be float32 (", B, ", ", Hkv, ", ", C, "), got ",
+                s.scalar_type(), " ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), op, ": scores on the wrong device");
+    a.scores = s.data_ptr<float>();
+    for (int d = 0; d < 3; ++d) a.ss[d] = s.stride(d);
+  }
+  at::Tensor out = at::empty({B, Hq, n, a.Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, n}, q.options().dtype(
+      q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  if (B * Hq * n == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
+                                  "longattn::decode_attention",
+                                  [&] { decode_kernel<scalar_t>(a, out, lse); });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------
+// compact_
+// ---------------------------------------------------------------------------------------
+
+void compact_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& scores,
+                 const at::Tensor& lengths, const at::Tensor& keep, const at::Tensor& keep_lengths) {
+  constexpr const char* op = "longattn.compact_";
+  check_cache_pair(k_cache, v_cache, op);
+  const int64_t B = k_cache.size(0), H = k_cache.size(1), C = k_cache.size(2);
+  check_int_tensor(lengths, "lengths", 2);
+  check_int_tensor(keep, "keep", 3);
+  check_int_tensor(keep_lengths, "keep_lengths", 2);
+  TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op, ": lengths must be (", B, ", ", H,
+              "), got ", lengths.sizes());
+  TORCH_CHECK(keep.size(0) == B && keep.size(1) == H, op, ": keep must be (", B, ", ", H,
+              ", n), got ", keep.sizes());
+  TORCH_CHECK(keep_lengths.size(0) == B && keep_lengths.size(1) == H, op,
+              ": keep_lengths must be (", B, ", ", H, "), got ", keep_lengths.sizes());
+  for (const auto* t : {&lengths, &keep, &keep_lengths}) {
+    TORCH_CHECK(t->device() == k_cache.device(), op, ": index tensors must be on the cache's device");
+  }
+  if (positions.has_value()) {
+    const auto& p = *positions;
+    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 3 && p.size(0) == B && p.size(1) == H &&
+                    p.size(2) == C,
+                op, ": positions must be int64 (", B, ", ", H, ", ", C, ")");
+  }
+  if (scores.has_value()) {
+    const auto& s = *scores;
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 3 && s.size(0) == B && s.size(1) == H &&
+                    s.size(2) == C,
+                op, ": scores must be float32 (", B, ", ", H, ", ", C, ")");
+  }
+  const at::Tensor keep_c = keep.to(at::kLong).contiguous();
+  const at::Tensor kl_c = keep_lengths.contiguous();
+  const at::Tensor len_c = lengths.contiguous();
+  const int64_t K = keep.size(2);
+  const int64_t* idx = keep_c.const_data_ptr<int64_t>();
+  // Validate everything before moving anything.
+  std::vector<int64_t> counts(B * H);
+  for (int64_t x = 0; x < B * H; ++x) {
+    const int64_t L = read_int(len_c, x), n = read_int(kl_c, x);
+    TORCH_CHECK(L >= 0 && L <= C, op, ": lengths must lie in [0, ", C, "], got ", L);
+    TORCH_CHECK(n >= 0 && n <= K, op, ": keep_lengths[", x / H, ", ", x % H, "] = ", n,
+                " outside [0, ", K, "]");
+    const int64_t bad = kv::first_bad_keep(idx + x * K, 1, n, L);
+    TORCH_CHECK(bad < 0, op, ": keep[", x / H, ", ", x % H, "] must be strictly ascending "
+                "indices in [0, length=", L, "); entry ", bad, " is ",
+                bad < 0 ? 0 : idx[x * K + bad], bad > 0 ? " after " : "",
+                bad > 0 ? std::to_string(idx[x * K + bad - 1]) : std::string());
+    counts[x] = n;
+  }
+  char* kp = static_cast<char*>(k_cache.data_ptr());
+  char* vp = static_cast<char*>(v_cache.data_ptr());
+  const int64_t es = k_cache.element_size();
+  const int64_t krow = k_cache.size(3) * es, vrow = v_cache.size(3) * es;
+  int64_t* pp = positions.has_value() ? positions->data_ptr<int64_t>() : nullptr;
+  float* sp = scores.has_value() ? scores->data_ptr<float>() : nullptr;
+  parallel_items(
+      B * H, [] { return 0; },
+      [&](int64_t x, int&) {
+        const int64_t b = x / H, h = x % H;
+        const int64_t* ix = idx + x * K;
+        char* kb = kp + (b * k_cache.stride(0) + h * k_cache.stride(1)) * es;
+        char* vb = vp + (b * v_cache.stride(0) + h * v_cache.stride(1)) * es;
+        const int64_t kst = k_cache.stride(2) * es, vst = v_cache.stride(2) * es;
+        for (int64_t j = 0; j < counts[x]; ++j) {
+          const int64_t s = ix[j];
+          if (s == j) continue;
+          std::memcpy(kb + j * kst, kb + s * kst, krow);
+          std::memcpy(vb + j * vst, vb + s * vst, vrow);
+          if (pp) {
+            int64_t* pr = pp + b * positions->stride(0) + h * positions->stride(1);
+            pr[j * positions->stride(2)] = pr[s * positions->stride(2)];
+          }
+          if (sp) {
+            float* sr = sp + b * scores->stride(0) + h * scores->stride(1);
+            sr[j * scores->stride(2)] = sr[s * scores->stride(2)];
+          }
+        }
+      });
+  // New lengths, written in lengths' own dtype.
+  lengths.copy_(kl_c.to(lengths.scalar_type()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longattn, CPU, m) {
+  m.impl("decode_attention", &decode_attention_cpu);
+  m.impl("compact_", &compact_cpu);
+}
+
+}  // namespace longattn::cpu

@@ -1,0 +1,25 @@
+"""Fake (meta) kernels for ``torch.ops.longattn.decode_attention`` and ``compact_``.
+
+Both are inference ops: neither has an autograd formula. ``compact_`` and the optional
+``scores`` of ``decode_attention`` are declared mutated in the schemas (csrc/ops.cpp), so
+torch.compile functionalizes them.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: schemas and kernels)
+
+
+@torch.library.register_fake("longattn::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, lengths, positions, q_positions, scale, window,
+                           sinks, scores):
+    B, Hq, n, _ = q.shape
+    out = q.new_empty((B, Hq, n, v_cache.shape[-1]))
+    lse = q.new_empty((B, Hq, n), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("longattn::compact_")
+def _compact_fake(k_cache, v_cache, positions, scores, lengths, keep, keep_lengths):
+    return None

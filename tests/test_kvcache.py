@@ -1,0 +1,308 @@
+"""KV cache: decode attention, score accumulation, compaction, selection, the cache object."""
+import math
+
+import pytest
+import torch
+
+import longattn
+from longattn import kvcache as kvc
+from longattn.reference import (attention_ref, compact_ref, decode_attention_ref,
+                                select_keep_ref)
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def _cache(B, Hkv, C, D, dtype, lengths, *, pos_gaps=False):
+    k = torch.randn(B, Hkv, C, D).to(dtype)
+    v = torch.randn(B, Hkv, C, D).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32).view(B, Hkv)
+    if pos_gaps:  # increasing positions with gaps (an evicted cache)
+        pos = torch.randint(1, 4, (B, Hkv, C)).cumsum(-1)
+    else:
+        pos = torch.arange(C).expand(B, Hkv, C).contiguous()
+    return k, v, lens, pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n_new", [1, 3])
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+def test_decode_matches_dense(dtype, n_new, mask):
+    B, Hq, Hkv, C, D = 2, 8, 2, 600, 64  # 600 > one 256-key chunk; lengths differ per head
+    k, v, lens, pos = _cache(B, Hkv, C, D, dtype, [600, 37, 0, 513], pos_gaps=True)
+    q = torch.randn(B, Hq, n_new, D).to(dtype)
+    kw = {}
+    if mask != "none":
+        top = pos.gather(2, (lens.long() - 1).clamp(min=0)[..., None]).amax(dim=(1, 2))
+        kw["q_positions"] = top[:, None] - torch.arange(n_new - 1, -1, -1) * 3
+        kw["positions"] = pos
+    if mask == "window":
+        kw.update(window=150, sinks=4)
+    scores0 = torch.rand(B, Hkv, C)
+    scores = scores0.clone()
+    out, lse = kvc.decode_attention(q, k, v, lens, scores=scores, **kw)
+    out_ref, lse_ref, p = decode_attention_ref(q, k, v, lens, **kw)
+    torch.testing.assert_close(out, out_ref, **TOL[dtype])
+    torch.testing.assert_close(lse, lse_ref, **TOL[torch.float32 if dtype != torch.float64 else dtype])
+    inc = p.view(B, Hkv, Hq // Hkv, n_new, C).sum((2, 3)).float()
+    torch.testing.assert_close(scores, scores0 + inc, atol=1e-5 if dtype.itemsize >= 4 else 1e-4,
+                               rtol=1e-4)
+    # The empty head: out 0, lse -inf, scores untouched.
+    assert (out[1, :4] == 0).all() and torch.isneginf(lse[1, :4]).all()
+    assert torch.equal(scores[1, 0], scores0[1, 0])
+
+
+def test_scores_equal_eager_softmax():
+    """The accumulated scores are the eager softmax probabilities summed over the q heads of
+    each kv head and over several decode steps."""
+    B, Hq, Hkv, D, L = 1, 6, 3, 32, 40
+    cache = kvc.KVCache(B, Hkv, D, 64, track_scores=True)
+    cache.append(torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D))
+    expect = torch.zeros(B, Hkv, 64)
+    for _ in range(3):
+        q = torch.randn(B, Hq, 1, D)
+        cache.attend(q, accumulate_scores=True)
+        kk = cache.k[:, :, :L].repeat_interleave(2, 1)
+        probs = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(D), dim=-1)  # (B,Hq,1,L)
+        expect[:, :, :L] += probs.view(B, Hkv, 2, L).sum(2)
+    torch.testing.assert_close(cache.scores, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_after_compaction_equals_attention_over_kept():
+    B, Hq, Hkv, C, D = 2, 4, 2, 300, 32
+    k, v, lens, pos = _cache(B, Hkv, C, D, torch.float32, [300, 120, 77, 260])
+    k0, v0 = k.clone(), v.clone()
+    keep, counts = kvc.select_keep(torch.rand(B, Hkv, C), lens, 4, 16, 64)
+    kvc.compact_(k, v, lens, keep, counts, positions=pos)
+    q = torch.randn(B, Hq, 1, D)
+    out, lse = kvc.decode_attention(q, k, v, lens)
+    for b in range(B):
+        for h in range(Hkv):
+            idx = keep[b, h, : counts[b, h]]
+            kk, vv = k0[b, h, idx], v0[b, h, idx]  # (n, D)
+            for g in range(Hq // Hkv):
+                hq = h * (Hq // Hkv) + g
+                o_ref, l_ref = attention_ref(q[b:b + 1, hq:hq + 1].transpose(1, 2),
+                                             kk[None, :, None], vv[None, :, None])
+                torch.testing.assert_close(out[b, hq], o_ref[0, :, 0], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(lse[b, hq], l_ref[0, 0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compaction_equals_gather(dtype):
+    B, H, C, D = 2, 3, 200, 16
+    k, v, lens, pos = _cache(B, H, C, D, dtype, [200, 150, 0, 10, 199, 64], pos_gaps=True)
+    scores = torch.rand(B, H, C)
+    K = 80
+    keep = torch.full((B, H, K), -1, dtype=torch.int64)
+    counts = torch.zeros(B, H, dtype=torch.int64)
+    for b in range(B):
+        for h in range(H):
+            L = int(lens[b, h])
+            n = min(L, int(torch.randint(0, K + 1, ())))
+            keep[b, h, :n] = torch.randperm(L)[:n].sort().values
+            counts[b, h] = n
+    refs = [compact_ref(t, keep, counts) for t in (k, v, pos, scores)]
+    kvc.compact_(k, v, lens, keep, counts, positions=pos, scores=scores)
+    for got, ref in zip((k, v, pos, scores), refs):
+        for b in range(B):
+            for h in range(H):
+                n = int(counts[b, h])
+                assert torch.equal(got[b, h, :n], ref[b, h, :n])
+    assert torch.equal(lens, counts.int())
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_select_keep_matches_loop(per_head):
+    B, H, C = 2, 4, 100
+    lens = torch.tensor([[100, 50, 20, 0], [7, 99, 64, 31]])
+    scores = torch.rand(B, H, C)
+    budget = torch.randint(8, 40, (B, H)) if per_head else 24
+    keep, counts = kvc.select_keep(scores, lens, 4, 4, budget)
+    ref = select_keep_ref(scores, lens, 4, 4, budget)
+    for b in range(B):
+        for h in range(H):
+            n = int(counts[b, h])
+            assert keep[b, h, :n].tolist() == ref[b][h]
+            assert (keep[b, h, n:] == -1).all()
+            L = int(lens[b, h])
+            assert set(range(min(4, L))) <= set(ref[b][h])  # sinks never evicted
+            assert set(range(max(L - 4, 0), L)) <= set(ref[b][h])
+
+
+def test_sinks_survive_repeated_eviction():
+    B, H, D = 1, 2, 8
+    cache = kvc.KVCache(B, H, D, 48, track_scores=True)
+    for step in range(40):
+        cache.append(torch.randn(B, H, 4, D), torch.randn(B, H, 4, D))
+        cache.attend(torch.randn(B, 4, 1, D), accumulate_scores=True)
+        if cache.max_length() > 32:
+            cache.keep_top(cache.scores, 4, 8, 24)
+    for h in range(H):
+        _, _, pos = cache.live(0, h)
+        assert pos[:4].tolist() == [0, 1, 2, 3]
+        assert pos[-8:].tolist() == list(range(160 - 8, 160))
+        assert (pos[1:] > pos[:-1]).all()
+
+
+def test_cache_step_equals_full_causal_attention():
+    """Token-by-token decoding (and a 3-token chunk) through the cache equals causal attention
+    over the whole sequence."""
+    B, Hq, Hkv, D, L = 2, 4, 2, 16, 20
+    q, k, v = torch.randn(B, L, Hq, D), torch.randn(B, L, Hkv, D), torch.randn(B, L, Hkv, D)
+    ref, _ = attention_ref(q, k, v, causal=True)
+    cache = kvc.KVCache(B, Hkv, D, L)
+    outs = []
+    t = 0
+    for n in [3] + [1] * (L - 3):
+        sl = slice(t, t + n)
+        o, _ = cache.step(q[:, sl].transpose(1, 2), k[:, sl].transpose(1, 2), v[:, sl].transpose(1, 2))
+        outs.append(o.transpose(1, 2))
+        t += n
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_deterministic_across_threads():
+    B, Hq, Hkv, C, D = 1, 8, 2, 2000, 64
+    k, v, lens, _ = _cache(B, Hkv, C, D, torch.float32, [2000, 1500])
+    q = torch.randn(B, Hq, 2, D)
+    n0 = torch.get_num_threads()
+    res = []
+    for nt in (1, 2):
+        torch.set_num_threads(nt)
+        s = torch.zeros(B, Hkv, C)
+        res.append(kvc.decode_attention(q, k, v, lens, scores=s) + (s,))
+    torch.set_num_threads(n0)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_opcheck():
+    B, Hq, Hkv, C, D = 1, 4, 2, 40, 16
+    k, v, lens, pos = _cache(B, Hkv, C, D, torch.float32, [40, 25])
+    q = torch.randn(B, Hq, 2, D)
+    qp = torch.tensor([[30, 31]])
+    torch.library.opcheck(torch.ops.longattn.decode_attention,
+                          (q, k, v, lens, pos, qp, 0.25, -1, 0, torch.zeros(B, Hkv, C)))
+    torch.library.opcheck(torch.ops.longattn.decode_attention,
+                          (q, k, v, lens, None, None, 0.25, 8, 2, None))
+    keep = torch.tensor([[[0, 3, 5, 39], [1, 2, 24, -1]]])
+    kl = torch.tensor([[4, 3]])
+    torch.library.opcheck(torch.ops.longattn.compact_,
+                          (k, v, pos, torch.rand(B, Hkv, C), lens.clone(), keep, kl))
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["unsorted", "duplicate", "beyond_length", "negative", "count"])
+def test_compact_rejects_bad_keep(bad):
+    B, H, C, D = 1, 2, 20, 4
+    k, v, lens, pos = _cache(B, H, C, D, torch.float32, [20, 10])
+    keep = torch.tensor([[[0, 1, 2, 3], [0, 4, 6, 9]]])
+    kl = torch.tensor([[4, 4]])
+    if bad == "unsorted":
+        keep[0, 1] = torch.tensor([0, 6, 4, 9])
+    elif bad == "duplicate":
+        keep[0, 1] = torch.tensor([0, 4, 4, 9])
+    elif bad == "beyond_length":
+        keep[0, 1, 3] = 10
+    elif bad == "negative":
+        keep[0, 1, 0] = -1
+    else:
+        kl[0, 0] = 5
+    k0, lens0 = k.clone(), lens.clone()
+    with pytest.raises(RuntimeError, match="keep"):
+        kvc.compact_(k, v, lens, keep, kl, positions=pos)
+    assert torch.equal(k, k0) and torch.equal(lens, lens0)  # nothing moved
+
+
+def test_select_keep_budget_too_small():
+    with pytest.raises(ValueError, match="n_sink \\+ n_recent"):
+        kvc.select_keep(torch.rand(1, 1, 10), torch.tensor([[10]]), 4, 4, 7)
+    with pytest.raises(ValueError, match="n_sink \\+ n_recent"):
+        kvc.select_keep(torch.rand(1, 2, 10), torch.tensor([[10, 10]]), 2, 2, torch.tensor([[8, 3]]))
+
+
+def test_append_errors():
+    cache = kvc.KVCache(1, 2, 4, 8)
+    cache.append(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    with pytest.raises(RuntimeError, match="capacity"):
+        cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    assert cache.max_length() == 6
+    with pytest.raises(TypeError, match="dtype"):
+        cache.append(torch.randn(1, 2, 1, 4, dtype=torch.float64), torch.randn(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="kv_heads"):
+        cache.append(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    with pytest.raises(ValueError, match="device"):
+        cache.append(torch.randn(1, 2, 1, 4, device="meta"), torch.randn(1, 2, 1, 4))
+    cache.grow(16)
+    cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    assert cache.max_length() == 9 and cache.positions[0, 0, :9].tolist() == list(range(9))
+
+
+def test_decode_errors():
+    k, v, lens, _ = _cache(1, 2, 10, 8, torch.float32, [10, 5])
+    with pytest.raises(RuntimeError, match="dtype"):
+        kvc.decode_attention(torch.randn(1, 4, 1, 8, dtype=torch.float64), k, v, lens)
+    with pytest.raises(RuntimeError, match="multiple"):
+        kvc.decode_attention(torch.randn(1, 3, 1, 8), k, v, lens)
+    with pytest.raises(RuntimeError, match="lengths"):
+        kvc.decode_attention(torch.randn(1, 4, 1, 8), k, v, torch.tensor([[11, 5]]))
+    with pytest.raises(RuntimeError, match="scores"):
+        kvc.decode_attention(torch.randn(1, 4, 1, 8), k, v, lens, scores=torch.zeros(1, 2, 10, dtype=torch.float64))
+    cache = kvc.KVCache(1, 2, 8, 10)
+    with pytest.raises(RuntimeError, match="track_scores"):
+        cache.attend(torch.randn(1, 4, 1, 8), accumulate_scores=True)
+
+
+def test_torch_compile_fullgraph():
+    """Fake kernels + mutation annotations: compiled calls equal eager ones, scores and the
+    compacted cache included."""
+    B, Hq, Hkv, C, D = 1, 4, 2, 64, 16
+    k, v, lens, pos = _cache(B, Hkv, C, D, torch.float32, [64, 40])
+    q = torch.randn(B, Hq, 1, D)
+
+    def f(q, k, v, lens, s):
+        o, lse = kvc.decode_attention(q, k, v, lens, scores=s)
+        return o * 2, lse
+
+    s1, s2 = torch.zeros(B, Hkv, C), torch.zeros(B, Hkv, C)
+    ref = f(q, k, v, lens, s1)
+    got = torch.compile(f, fullgraph=True)(q, k, v, lens, s2)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]) and torch.equal(s1, s2)
+
+    def g(k, v, lens, keep, kl, p, s):
+        kvc.compact_(k, v, lens, keep, kl, positions=p, scores=s)
+        return k.sum()
+
+    keep = torch.tensor([[[0, 5, 9, -1], [1, 2, 3, 39]]])
+    kl = torch.tensor([[3, 4]])
+    a1 = [k.clone(), v.clone(), lens.clone(), keep, kl, pos.clone(), torch.rand(B, Hkv, C)]
+    a2 = [t.clone() for t in a1]
+    r1, r2 = g(*a1), torch.compile(g, fullgraph=True)(*a2)
+    assert torch.equal(r1, r2) and all(torch.equal(x, y) for x, y in zip(a1, a2))
+
+
+def test_append_with_different_head_lengths():
+    B, H, D = 2, 3, 4
+    cache = kvc.KVCache(B, H, D, 16, track_scores=True)
+    k0, v0 = torch.randn(B, H, 10, D), torch.randn(B, H, 10, D)
+    cache.append(k0, v0)
+    cache.scores.fill_(1.0)
+    keep = torch.tensor([[0, 2, 5, 9, -1], [1, 3, -1, -1, -1], [0, 1, 2, 3, 4]]).expand(B, H, 5)
+    counts = torch.tensor([[4, 2, 5], [4, 2, 5]])
+    cache.compact_(keep, counts)
+    k1, v1 = torch.randn(B, H, 2, D), torch.randn(B, H, 2, D)
+    cache.append(k1, v1)
+    for b in range(B):
+        for h in range(H):
+            n = int(counts[b, h])
+            idx = keep[b, h, :n]
+            kk, vv, pp = cache.live(b, h)
+            assert torch.equal(kk, torch.cat([k0[b, h, idx], k1[b, h]]))
+            assert torch.equal(vv, torch.cat([v0[b, h, idx], v1[b, h]]))
+            assert pp.tolist() == idx.tolist() + [10, 11]
+            assert cache.scores[b, h, :n + 2].tolist() == [1.0] * n + [0.0, 0.0]
