@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/rope_math.h"
+#include "cpu/parallel.h"
 #include "cpu/rope_rows.h"
 #include "rope_args.h"
 
@@ -70,7 +71,7 @@ void rope_kernel(const RopeParams& p) {
   // ~128 KB of fp32 per task: below that, waking a second thread costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 32768 / (heads_per_block * row_elems));
 
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(items, grain, [&](int64_t begin, int64_t end) {
     // Per-thread: the token's tables (cos, sin per pair; per element for the interleaved
     // vector path) and the scratch rows of the plain-loop path.
     std::vector<C> buf(2 * half + 2 * R + 2 * R);
