@@ -263,7 +263,9 @@ int64_t backward_dq_chunks(const AttentionParams& p) {
   const CpuTiles t = backward_tiles(p);
   const int64_t units = std::max<int64_t>(1, p.batch * p.heads_kv);
   const int64_t max_blocks = ceil_div(p.seqlen_k, t.k) + 1;  // +1: a sink block of its own
-  int64_t chunks = std::min(ceil_div(16, units), max_blocks);
+  // At least ~4 key blocks per chunk: each chunk costs a zeroed dQ-sized accumulator and a
+  // pass of the final reduction, which short sequences do not repay.
+  int64_t chunks = std::min(ceil_div(16, units), std::max<int64_t>(1, max_blocks / 4));
   // Each chunk holds a dQ-sized accumulator: cap their memory at 512 MiB (or one dQ).
   const int64_t bytes = p.total_q * p.heads_q * p.head_dim * 8;
   while (chunks > 1 && chunks * bytes > (int64_t(512) << 20)) --chunks;
