@@ -1,10 +1,13 @@
 // Every longattn op schema, in one place. Backends register implementations with
-// TORCH_LIBRARY_IMPL in their own translation units (cpu/register.cpp, cuda/register.cu);
-// Python adds fake kernels and autograd (python/longattn/_ops.py).
+// TORCH_LIBRARY_IMPL in their own translation units (cpu/register.cpp, cpu/rope.cpp,
+// cpu/kvcache.cpp, cuda/rope_register.cpp); Python adds fake kernels and autograd
+// (python/longattn/_ops.py, _rope_ops.py, _kvcache_ops.py). The ring attention ops are
+// Python custom ops (python/longattn/ring.py) over these.
 #include <torch/library.h>
 
 TORCH_LIBRARY(longattn, m) {
-  // Tiled attention with the long-context mask family. Returns out (q's dtype) and lse (fp32).
+  // Tiled attention with the long-context mask family. Returns out (q's dtype) and lse (fp32;
+  // fp64 for fp64 inputs).
   // window_left/right use longattn.UNBOUNDED (2**62) for "no limit"; softcap 0 and
   // logn_base 0 mean off; q_start None means bottom-right aligned (k_start + Lk - Lq per sequence).
   m.def(
