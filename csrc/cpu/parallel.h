@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -21,16 +22,25 @@ inline int64_t threads_for(int64_t work_units) {
 }
 
 // Run body(thread_index, thread_count) on up to `threads` threads.
+// An exception thrown by a worker is caught and rethrown after the region (one escaping an
+// OpenMP region would abort the process instead of raising in Python).
 template <typename Body>
 void parallel_region(int64_t threads, Body&& body) {
 #if defined(_OPENMP)
   if (threads > 1) {
+    std::exception_ptr error;
+    std::atomic_flag has_error = ATOMIC_FLAG_INIT;
 #pragma omp parallel num_threads(static_cast<int>(threads))
     {
       at::internal::ThreadIdGuard tid_guard(omp_get_thread_num());
       c10::ParallelGuard guard(true);
-      body(static_cast<int64_t>(omp_get_thread_num()), static_cast<int64_t>(omp_get_num_threads()));
+      try {
+        body(static_cast<int64_t>(omp_get_thread_num()), static_cast<int64_t>(omp_get_num_threads()));
+      } catch (...) {
+        if (!has_error.test_and_set()) error = std::current_exception();
+      }
     }
+    if (error) std::rethrow_exception(error);
     return;
   }
 #endif
