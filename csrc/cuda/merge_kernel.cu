@@ -1,0 +1,122 @@
+// CUDA merge of partial attentions: one warp per (row, head). Memory-bound: each partial is
+// read once, the merged row written once; weights come from common/merge.h (the CPU kernel's
+// rule: fp32 accumulation, -inf partials weigh 0, all -inf gives 0 / -inf, no NaN).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common/merge.h"
+#include "cuda/merge_launch.h"
+
+namespace longattn::cuda {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T> __device__ __forceinline__ float to_acc(T x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A x) { return static_cast<T>(x); }
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16(x);
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+constexpr int kWarpsPerBlock = 8;
+
+// Row r = (b, i) of [outer, L]; lse index (b, h, i); out offset ((b * L + i) * H + h) * D.
+template <typename T>
+__global__ void merge_forward_kernel(const MergeParams p) {
+  using A = typename Acc<T>::type;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (item >= p.outer * p.L * p.H) return;
+  const int64_t h = item % p.H, row = item / p.H, b = row / p.L, i = row % p.L;
+  const int64_t lidx = (b * p.H + h) * p.L + i, off = item * p.D;
+  A ls[kMaxMergePartials], w[kMaxMergePartials];
+  for (int k = 0; k < p.n; ++k) ls[k] = static_cast<const A*>(p.lses[k])[lidx];
+  const A merged = merge_weights<A>(ls, p.n, w);
+  if (lane == 0) static_cast<A*>(p.lse)[lidx] = merged;
+  for (int64_t d = lane; d < p.D; d += 32) {
+    A acc = 0;
+    for (int k = 0; k < p.n; ++k) {
+      if (w[k] != A(0)) acc += w[k] * to_acc(static_cast<const T*>(p.outs[k])[off + d]);
+    }
+    static_cast<T*>(p.out)[off + d] = from_acc<T, A>(acc);
+  }
+}
+
+// dout_k = w_k dout; dlse_k = w_k (dout . out_k - dout . out + dlse), with dout . out rebuilt
+// from the partials in the accumulation type (as the CPU kernel does).
+template <typename T>
+__global__ void merge_backward_kernel(const MergeParams p) {
+  using A = typename Acc<T>::type;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (item >= p.outer * p.L * p.H) return;
+  const int64_t h = item % p.H, row = item / p.H, b = row / p.L, i = row % p.L;
+  const int64_t lidx = (b * p.H + h) * p.L + i, off = item * p.D;
+  const A m = static_cast<const A*>(p.lse)[lidx];
+  const A dl = p.dlse ? static_cast<const A*>(p.dlse)[lidx] : A(0);
+  const T* dout = static_cast<const T*>(p.dout);
+  A w[kMaxMergePartials], g_dot[kMaxMergePartials];
+  A g_dot_out = 0;
+  for (int k = 0; k < p.n; ++k) {
+    const A lk = static_cast<const A*>(p.lses[k])[lidx];
+    w[k] = (m == -INFINITY || lk == -INFINITY) ? A(0) : ::exp(lk - m);
+    A part = 0;
+    for (int64_t d = lane; d < p.D; d += 32)
+      part += to_acc(dout[off + d]) * to_acc(static_cast<const T*>(p.outs[k])[off + d]);
+    g_dot[k] = warp_sum(part);
+    g_dot_out += w[k] * g_dot[k];
+  }
+  for (int k = 0; k < p.n; ++k) {
+    for (int64_t d = lane; d < p.D; d += 32)
+      static_cast<T*>(p.douts[k])[off + d] = from_acc<T, A>(w[k] * to_acc(dout[off + d]));
+    if (lane == 0) static_cast<A*>(p.dlses[k])[lidx] = w[k] * (g_dot[k] - g_dot_out + dl);
+  }
+}
+
+template <typename T>
+cudaError_t launch(const MergeParams& p, bool backward, cudaStream_t stream) {
+  const int64_t items = p.outer * p.L * p.H;
+  if (items == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((items + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  const dim3 block(32 * kWarpsPerBlock);
+  if (backward) {
+    merge_backward_kernel<T><<<grid, block, 0, stream>>>(p);
+  } else {
+    merge_forward_kernel<T><<<grid, block, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t dispatch(const MergeParams& p, MergeDtype dtype, bool backward, cudaStream_t stream) {
+  switch (dtype) {
+    case MergeDtype::kFloat32: return launch<float>(p, backward, stream);
+    case MergeDtype::kFloat64: return launch<double>(p, backward, stream);
+    case MergeDtype::kFloat16: return launch<__half>(p, backward, stream);
+    case MergeDtype::kBFloat16: return launch<__nv_bfloat16>(p, backward, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_merge_forward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream) {
+  return dispatch(p, dtype, false, stream);
+}
+
+cudaError_t launch_merge_backward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream) {
+  return dispatch(p, dtype, true, stream);
+}
+
+}  // namespace longattn::cuda

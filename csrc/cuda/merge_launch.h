@@ -1,0 +1,35 @@
+// The CUDA merge kernels' entry points (merge_attention and its backward): plain pointers in,
+// no torch types, so merge_kernel.cu compiles without ATen headers. The row math is
+// common/merge.h, shared with the CPU kernel.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace longattn::cuda {
+
+// Partials per call the kernels take; their pointers travel in the launch parameters.
+constexpr int kMaxMergePartials = 16;
+
+enum class MergeDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// outs[i]: contiguous [outer, L, H, D]; lses[i]: contiguous [outer, H, L] (fp32, or fp64 with
+// fp64 outs, the accumulation type). out/lse likewise.
+struct MergeParams {
+  int n = 0;
+  const void* outs[kMaxMergePartials] = {};
+  const void* lses[kMaxMergePartials] = {};
+  int64_t outer = 0, L = 0, H = 0, D = 0;
+  void* out = nullptr;
+  void* lse = nullptr;
+  // Backward only: dout like out, dlse like lse (or null), merged lse; grads like the inputs.
+  const void* dout = nullptr;
+  const void* dlse = nullptr;
+  void* douts[kMaxMergePartials] = {};
+  void* dlses[kMaxMergePartials] = {};
+};
+
+cudaError_t launch_merge_forward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream);
+cudaError_t launch_merge_backward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream);
+
+}  // namespace longattn::cuda
