@@ -32,15 +32,28 @@ __device__ __forceinline__ A warp_sum(A x) {
 
 constexpr int kWarpsPerBlock = 8;
 
-// Row r = (b, i) of [outer, L]; lse index (b, h, i); out offset ((b * L + i) * H + h) * D.
+// This warp's (row, head): item = (b * L + i) * H + h; lse index (b, h, i); out offset
+// item * D. valid is false for the warps past the end (whole warps, so shuffles stay safe).
+struct WarpRow {
+  bool valid;
+  int lane;
+  int64_t lidx, off;
+};
+
+__device__ __forceinline__ WarpRow warp_row(const MergeParams& p) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t h = item % p.H, row = item / p.H, b = row / p.L, i = row % p.L;
+  return {item < p.outer * p.L * p.H, static_cast<int>(threadIdx.x % 32),
+          (b * p.H + h) * p.L + i, item * p.D};
+}
+
 template <typename T>
 __global__ void merge_forward_kernel(const MergeParams p) {
   using A = typename Acc<T>::type;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (item >= p.outer * p.L * p.H) return;
-  const int64_t h = item % p.H, row = item / p.H, b = row / p.L, i = row % p.L;
-  const int64_t lidx = (b * p.H + h) * p.L + i, off = item * p.D;
+  const WarpRow wr = warp_row(p);
+  if (!wr.valid) return;
+  const int lane = wr.lane;
+  const int64_t lidx = wr.lidx, off = wr.off;
   A ls[kMaxMergePartials], w[kMaxMergePartials];
   for (int k = 0; k < p.n; ++k) ls[k] = static_cast<const A*>(p.lses[k])[lidx];
   const A merged = merge_weights<A>(ls, p.n, w);
@@ -59,11 +72,10 @@ __global__ void merge_forward_kernel(const MergeParams p) {
 template <typename T>
 __global__ void merge_backward_kernel(const MergeParams p) {
   using A = typename Acc<T>::type;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (item >= p.outer * p.L * p.H) return;
-  const int64_t h = item % p.H, row = item / p.H, b = row / p.L, i = row % p.L;
-  const int64_t lidx = (b * p.H + h) * p.L + i, off = item * p.D;
+  const WarpRow wr = warp_row(p);
+  if (!wr.valid) return;
+  const int lane = wr.lane;
+  const int64_t lidx = wr.lidx, off = wr.off;
   const A m = static_cast<const A*>(p.lse)[lidx];
   const A dl = p.dlse ? static_cast<const A*>(p.dlse)[lidx] : A(0);
   const T* dout = static_cast<const T*>(p.dout);
