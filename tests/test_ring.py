@@ -299,7 +299,7 @@ def _peer_failure(rank, W):
     if rank == 1:
         def boom(*args, **kwargs):
             raise RuntimeError("injected failure")
-        ring._Comm.exchange = boom
+        ring.comm.Comm.exchange = boom
         _expect(lambda: ring.ring_attention(q, k, v, causal=False, timeout=3), RuntimeError,
                 "injected failure")
         time.sleep(1)   # stay alive a moment: rank 0 must get out by its timeout alone
