@@ -13,7 +13,7 @@ Public: :func:`ring_attention`, :func:`shard`, :func:`unshard`, :func:`shard_pos
     layout      the layouts (contiguous, zigzag, stripe): pieces and positions, shard/unshard
     schedule    the mask-aware plan: kernel calls per (rank, block), skipped hops, transfers
     options     argument checks and the metadata every rank must agree on
-    comm        batch_isend_irecv steps, parity order, timeouts, metadata exchange
+    comm        batch_isend_irecv steps, parity order, timeouts, streams, metadata exchange
     compute     the per-call kernel and the fp32 log-sum-exp merge
     ring_mode   mode="ring": forward and backward with K/V travelling rank to rank
     allgather   mode="allgather": K/V gathered once, then local attention

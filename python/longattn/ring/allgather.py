@@ -53,7 +53,8 @@ def allgather_backward(comm, plan_, kern, dout, dlse, q, k, v, out, lse):
             dkv[o, 0, :, c.k0:c.k1] += dk_c
             dkv[o, 1, :, c.k0:c.k1] += dv_c
     if W > 1:
-        if "nccl" in str(dist.get_backend(comm.group)):
+        # CUDA tensors go to NCCL (also in a "cpu:gloo,cuda:nccl" group), CPU ones to gloo.
+        if dkv.is_cuda and "nccl" in str(dist.get_backend(comm.group)):
             mine = torch.empty_like(dkv[0])
             work = dist.reduce_scatter_tensor(mine, dkv, group=comm.group, async_op=True)
         else:

@@ -38,7 +38,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
             ``"allgather"`` (gather all K/V once, then attend locally: fewer, larger messages;
             memory grows with W, so for small world sizes).
         timeout: seconds (or a timedelta) any single wait may take before the call raises;
-            default: the process group's timeout.
+            default: the process group's timeout. With CUDA tensors (NCCL) the hops wait on
+            the GPU stream, not the host, and the timeout bounds one host wait at the end of
+            the pass until the GPU is past all of its transfers (so it then covers what is
+            left of the pass on the GPU); without it nothing in the pass syncs the host.
         return_lse: also return the lse ``(batch, heads, local_len)`` (fp32; fp64 for fp64),
             differentiable.
 

@@ -6,12 +6,30 @@ on both ends, so no step waits on a later one: with non-blocking ops this cannot
 Within a batch, even ranks post sends first and odd ranks receives first, the usual parity
 order, which also keeps a neighbour ring safe on backends where sends block. Messages between
 one pair of ranks are posted in one canonical order (and tagged), as gloo and NCCL match them
-in order. Every wait takes ``timeout``, so a peer that died or skipped the call turns into an
-error instead of a hang.
+in order.
+
+Streams (CUDA tensors on NCCL). There is no side stream of ours: ProcessGroupNCCL runs a batch
+on its own stream after making it wait for the current stream (so a payload written just
+before, the stacked K/V or a dK/dV share, is complete), and the step's kernel calls go on the
+current stream, so the two overlap. ``work.wait()`` makes the current stream wait for the
+transfers without blocking the host: the step's readers of the received buffers are ordered
+after them, and a buffer dropped after the wait is recycled by the caching allocator only for
+later work on the current stream, ordered after the transfers as well (ProcessGroupNCCL also
+keeps its own references until then). So no record_stream / wait_stream is needed.
+
+Timeouts. gloo (CPU tensors): every wait blocks the host for at most ``timeout``, so a peer
+that died or skipped the call becomes an error. NCCL: a timed ``WorkNCCL.wait`` blocks the host
+until the transfer is done (torch's ProcessGroupNCCL.hpp), a host sync per hop that would
+drain the launch queue. So the hops wait on the stream only, and with a ``timeout`` the pass
+ends with one host wait bounded by it (:meth:`Comm.finish`): an event recorded on the current
+stream after the last transfer's wait completes only once every transfer of the pass has, so a
+hang anywhere in the ring becomes an error there. Without ``timeout`` the process group's
+watchdog (its own timeout) catches hangs.
 """
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -29,6 +47,9 @@ class Comm:
     rank: int
     world: int
     timeout: Optional[datetime.timedelta]
+    # The tensors' device when it is a GPU: waits order its current stream, not the host.
+    stream_device: Optional[torch.device] = None
+    _unchecked: Optional[str] = None   # the latest transfers waited for on the stream only
 
     def fail(self, what: str, e: Exception):
         limit = f" (timeout {self.timeout.total_seconds():g} s)" if self.timeout else ""
@@ -36,15 +57,35 @@ class Comm:
             f"ring_attention: rank {self.rank} of {self.world} failed {what}{limit}: {e}. A peer "
             "rank may have failed, hung or not made the same ring_attention call.")
 
-    def wait(self, works, what: str):
+    def wait(self, works, what: str, *, host: bool = False):
+        """Wait for ``works``: on the host with the timeout (gloo, or ``host``), else on the
+        current stream."""
+        on_stream = self.stream_device is not None and not host
         for w in works:
             try:
-                if self.timeout is None:
+                if self.timeout is None or on_stream:
                     w.wait()
                 else:
                     w.wait(self.timeout)
             except RuntimeError as e:
                 raise self.fail(f"waiting for {what}", e) from e
+        if on_stream and works:
+            self._unchecked = what
+
+    def finish(self):
+        """End of a pass on a GPU with a timeout: wait on the host, at most ``timeout``, until
+        the current stream is past every transfer of the pass (see the module doc)."""
+        what, self._unchecked = self._unchecked, None
+        if what is None or self.timeout is None:
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.stream_device))
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not done.query():
+            if time.monotonic() > deadline:
+                raise self.fail(f"waiting for {what}",
+                                TimeoutError("the transfers did not complete in time"))
+            time.sleep(1e-4)
 
     def exchange(self, msgs: Sequence[Msg], payload, alloc):
         """Post this rank's share of one batch; returns (works, [(msg, buffer) received],
@@ -70,18 +111,20 @@ class Comm:
         return works, received, p2p
 
 
-def make_comm(group_name: str, timeout_s: float) -> Comm:
+def make_comm(group_name: str, timeout_s: float, like: torch.Tensor) -> Comm:
     group = group_from_name(group_name)
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s > 0 else None
-    return Comm(group, dist.get_rank(group), dist.get_world_size(group), timeout)
+    return Comm(group, dist.get_rank(group), dist.get_world_size(group), timeout,
+                like.device if like.is_cuda else None)
 
 
-def _metadata_device(group) -> torch.device:
+def _metadata_device(group, q: torch.Tensor) -> torch.device:
     # One backend for every rank whatever its inputs (a rank with CPU tensors in a CUDA run
     # must reach the same all-gather): gloo whenever the group has it.
     backend = str(dist.get_backend(group))
     if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
+        # q's device when it is a GPU: the ring's transfers then use the same communicator.
+        return q.device if q.is_cuda else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -89,7 +132,7 @@ def exchange_metadata(q, k, v, alibi, sink_logits, group_name, layout, mode, cau
                       right, sinks, scale, softcap, logn_base, timeout_s, need_grad, arg_error):
     """Exchange and check every rank's metadata; every rank raises the same error on a
     mismatch (nobody is left waiting). Returns (comm, lengths of every rank)."""
-    comm = make_comm(group_name, timeout_s)
+    comm = make_comm(group_name, timeout_s, q)
     error = ValueError(arg_error) if arg_error else None
     n, shared = 0, [0] * len(META_NAMES)
     if error is None:
@@ -103,10 +146,11 @@ def exchange_metadata(q, k, v, alibi, sink_logits, group_name, layout, mode, cau
             raise error
         return comm, (n,)
     mine = torch.tensor([int(error is not None), n] + shared, dtype=torch.int64,
-                        device=_metadata_device(comm.group))
+                        device=_metadata_device(comm.group, q))
     everyone = [torch.empty_like(mine) for _ in range(comm.world)]
     work = dist.all_gather(everyone, mine, group=comm.group, async_op=True)
-    comm.wait([work], "the metadata exchange at the start of the call")
+    # The host needs the table (the lengths shape the schedule): a host wait, once per call.
+    comm.wait([work], "the metadata exchange at the start of the call", host=True)
     table = torch.stack(everyone).cpu().tolist()
     if error is not None:
         raise error

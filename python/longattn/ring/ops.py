@@ -45,6 +45,7 @@ def _ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    window_right, sinks, scale, softcap, logn_base)
     with torch.no_grad():
         out, lse = _PASSES[mode][0](comm, plan_, kern, q, k, v)
+        comm.finish()
         if sink_logits is not None:
             # The learned sink is one more denominator term with no value: merge it once, as a
             # partial with out = 0 and lse = z, after the ring.
@@ -74,12 +75,13 @@ def _ring_attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor]
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor]:
     # The forward's lengths (a CPU tensor: no device read) spare a second metadata exchange.
-    comm = make_comm(group_name, timeout_s)
+    comm = make_comm(group_name, timeout_s, q)
     plan_, kern = _plan_and_kernel(lengths.tolist(), alibi_slopes, layout, causal, window_left,
                                    window_right, sinks, scale, softcap, logn_base)
     with torch.no_grad():
         dq, dk, dv = _PASSES[mode][1](comm, plan_, kern, dout.contiguous(), dlse, q, k, v, out,
                                       lse)
+        comm.finish()
         if sink_logits is None:
             return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
         # dz = -sum_i P_sink_i * delta_i over this rank's rows: like any parameter replicated
