@@ -2,8 +2,8 @@
 # One command for a fresh GPU machine with CUDA, nvcc and PyTorch but no network: build longattn
 # for this GPU, run the CUDA tests, benchmark against SDPA / FlexAttention (/ flash_attn), print
 # a short table last. Fits ~9 minutes on an H200 (GPU_CHECK_BUDGET_S, default 560 s, covers all:
-# build as it takes, then tests up to 150 s, the benchmark gets what is left less ~60 s for the
-# RoPE micro-benchmark and the summary). Phases are stopped with SIGINT at their caps, so pytest
+# build as it takes, then tests up to 150 s, the benchmark gets what is left less ~90 s for the
+# RoPE and ring-per-hop micro-benchmarks and the summary). Phases are stopped with SIGINT at their caps, so pytest
 # and the benchmark still write what they finished.
 #
 #   bash bench/gpu_check.sh               # on the GPU machine (device tool: carry [".cutlass"])
@@ -124,7 +124,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
   # ---- benchmark -----------------------------------------------------------------------------
   if ! skipped bench; then
     local budget args
-    budget=$(max 30 $(($(left) - 60)))
+    budget=$(max 30 $(($(left) - 90)))
     if [ $DRY = 0 ]; then args=(); else args=(--smoke --impls longattn,flash,simt,sdpa,sdpa_cudnn,flash_attn); fi
     banner "benchmark: bench/gpu_bench.py --budget-s $budget ${args[*]} ${BENCH_ARGS:-}"
     capped $((budget + 60)) "$PY" bench/gpu_bench.py -v --budget-s "$budget" --out "$OUTDIR" "${args[@]}" ${BENCH_ARGS:-}
@@ -140,7 +140,8 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
     [ $DRY = 1 ] && dev=cpu
     extra "RoPE" bench/bench_rope.py --device "$dev" --quick
     extra "KV cache" bench/bench_kvcache.py --device "$dev" --quick
-    extra "ring per-hop overhead (single GPU)" bench/bench_ring.py --device "$dev"
+    extra "ring machinery per hop (one device, no communication)" bench/ring_hop_overhead.py --device "$dev" \
+      $([ $DRY = 0 ] && echo --single-gpu)
   fi
 
   # ---- summary: the table last ---------------------------------------------------------------
@@ -148,7 +149,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
   [ $DRY = 0 ] && nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>&1 | sed 's/^/GPU now: /'
   echo "build: ${build_s} | tests: ${tests_summary:-?} | bench: ${bench_note}"
   [ -n "$tests_failed" ] && echo "$tests_failed"
-  [ -f "$OUTDIR/gpu_bench.json" ] && "$PY" bench/gpu_bench.py --report "$OUTDIR/gpu_bench.json"
+  [ "$bench_note" != skipped ] && [ -f "$OUTDIR/gpu_bench.json" ] && "$PY" bench/gpu_bench.py --report "$OUTDIR/gpu_bench.json"
   return $status
 }
 
