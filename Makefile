@@ -7,6 +7,8 @@
 #                CUDA build of torch, a wheel-style install into it, then an import check
 #   make cutlass-carry  copy the CUTLASS/CuTe headers the CUDA build reaches into .cutlass/ (ignored),
 #                for a GPU machine without nvidia-cutlass or network: bash bench/gpu_check.sh there
+#   make kvpress-test  tests/test_kvcache_kvpress.py against NVIDIA kvpress, installed --no-deps
+#                into side directories under $(KVPRESS_DIR) (not the venv); see below
 #   make clean   remove build outputs (keeps the venv); make distclean also removes the venv
 # Overridable: PYTHON, VENV, TORCH (e.g. TORCH=torch==2.14.1), PYTEST_ARGS, BENCH_ARGS,
 # MAX_JOBS, V=1 (verbose build), and the LONGATTN_* knobs read by setup.py.
@@ -34,7 +36,27 @@ CUDA_DEPS   ?= $(CUDA_TORCH) pybind11 cmake ninja nvidia-cutlass numpy
 CUDA_VPY    := $(CUDA_VENV)/bin/python
 CUDA_STAMP  := $(CUDA_VENV)/.longattn-deps
 
-.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry
+# kvpress comparison. kvpress pins transformers<5.3 and requires datasets, pandas, peft,
+# accelerate, none of which its StreamingLLM/SnapKV/KeyRerotation presses import, so it stays
+# out of DEPS (`make check` skips the file). Two side directories on PYTHONPATH:
+#   lite   kvpress alone, with the venv's transformers: the test's harness calls the presses'
+#          compress from its own hook (kvpress's hook reads kwargs transformers 5.3 renamed);
+#   pinned kvpress plus the transformers it supports and that transformers' own pins
+#          (huggingface-hub 1.x, tokenizers<=0.23.0, httpx): kvpress's own hooks run.
+KVPRESS_DIR    ?= .kvpress
+KVPRESS        ?= kvpress==0.5.5
+KVPRESS_PINNED ?= transformers==5.2.0 huggingface-hub==1.33.0 tokenizers==0.22.2 httpx==0.28.1 \
+                  httpcore==1.0.9 certifi
+KVPRESS_TEST   := LONGATTN_REQUIRE_KVPRESS=1 $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
+                  tests/test_kvcache_kvpress.py
+
+# $(call kvpress_install,DIR,PACKAGES): (re)install PACKAGES into DIR unless its stamp matches.
+define kvpress_install
+	@if [ "$$(cat $(1)/.stamp 2>/dev/null)" = "$(2)" ]; then echo "$(1): up to date"; else \
+	  set -e; rm -rf $(1); $(PIP) install -q --no-deps --target $(1) $(2); echo "$(2)" > $(1)/.stamp; fi
+endef
+
+.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry kvpress-test
 
 venv:
 	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
@@ -81,6 +103,12 @@ cuda-build: cuda-venv
 cutlass-carry: venv
 	$(VPY) bench/cutlass_carry.py
 
+kvpress-test: build
+	$(call kvpress_install,$(KVPRESS_DIR)/lite,$(KVPRESS))
+	$(call kvpress_install,$(KVPRESS_DIR)/pinned,$(KVPRESS) $(KVPRESS_PINNED))
+	PYTHONPATH=$(abspath $(KVPRESS_DIR)/lite) $(KVPRESS_TEST)
+	PYTHONPATH=$(abspath $(KVPRESS_DIR)/pinned) $(KVPRESS_TEST)
+
 info:
 	@$(VPY) -c "import torch, longattn._C as C; print(C.build_info()); print(torch.__config__.parallel_info())"
 
@@ -89,4 +117,4 @@ clean:
 	find . \( -path './.venv*' -o -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(CUDA_VENV)
+	rm -rf $(VENV) $(CUDA_VENV) $(KVPRESS_DIR)
