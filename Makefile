@@ -5,6 +5,8 @@
 #   make bench   venv + build + bench/compare.py
 #   make cuda-build  compile every CUDA source (no GPU needed): a second venv $(CUDA_VENV) with the
 #                CUDA build of torch, a wheel-style install into it, then an import check
+#   make cutlass-carry  copy the CUTLASS/CuTe headers the CUDA build reaches into .cutlass/ (ignored),
+#                for a GPU machine without nvidia-cutlass or network: bash bench/gpu_check.sh there
 #   make clean   remove build outputs (keeps the venv); make distclean also removes the venv
 # Overridable: PYTHON, VENV, TORCH (e.g. TORCH=torch==2.14.1), PYTEST_ARGS, BENCH_ARGS,
 # MAX_JOBS, V=1 (verbose build), and the LONGATTN_* knobs read by setup.py.
@@ -32,7 +34,7 @@ CUDA_DEPS   ?= $(CUDA_TORCH) pybind11 cmake ninja nvidia-cutlass numpy
 CUDA_VPY    := $(CUDA_VENV)/bin/python
 CUDA_STAMP  := $(CUDA_VENV)/.longattn-deps
 
-.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build
+.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry
 
 venv:
 	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
@@ -74,6 +76,10 @@ cuda-build: cuda-venv
 	  --disable-pip-version-check --no-build-isolation --no-deps .
 	cd /tmp && $(abspath $(CUDA_VPY)) -c "import torch, longattn; i = longattn.build_info(); \
 	  print('cuda build_info:', i); assert i['cuda'], 'built without CUDA'"
+
+# ~13 MiB of headers (the device tool carries 64 MiB in all): carry [".cutlass"] with the source.
+cutlass-carry: venv
+	$(VPY) bench/cutlass_carry.py
 
 info:
 	@$(VPY) -c "import torch, longattn._C as C; print(C.build_info()); print(torch.__config__.parallel_info())"

@@ -32,6 +32,8 @@ import torch.multiprocessing as mp
 
 import longattn
 from longattn import ring
+from longattn.ring.comm import Comm
+from longattn.ring.compute import Accumulator, Kernel
 
 CASES = [
     # name, layout, mode, options
@@ -61,14 +63,14 @@ def _median_ms(xs):
 def _count_waits():
     """Time spent blocked in the ring's waits: what the overlap failed to hide."""
     waited = [0.0]
-    inner = ring._Comm.wait
+    inner = Comm.wait
 
-    def wait(self, works, what):
+    def wait(self, works, what, **kw):
         t0 = time.perf_counter()
-        inner(self, works, what)
+        inner(self, works, what, **kw)
         waited[0] += time.perf_counter() - t0
 
-    ring._Comm.wait = wait
+    Comm.wait = wait
     return waited
 
 
@@ -101,13 +103,13 @@ def _worker(rank, world, store, args):
                       window=opts.get("window"), sinks=opts.get("sinks", 0))
         blocks = [(ring.shard(k, layout=layout, rank=o, world_size=world),
                    ring.shard(v, layout=layout, rank=o, world_size=world)) for o in range(world)]
-        kern = ring._Kernel(opts.get("causal", True), D ** -0.5, 0.0, 0.0, None)
+        kern = Kernel(opts.get("causal", True), D ** -0.5, 0.0, 0.0, None)
 
         def compute_only():
             # This rank's kernel calls and merges with every block already local: the ring's
             # forward minus communication (and minus the op's bookkeeping).
             with torch.no_grad():
-                acc = ring._Accumulator(ql)
+                acc = Accumulator(ql)
                 for o, (kb, vb) in enumerate(blocks):
                     for c in p.calls[rank][o]:
                         out, lse = kern.fwd(ql[:, c.q0:c.q1], kb[:, c.k0:c.k1],

@@ -2,7 +2,7 @@
 // TORCH_LIBRARY_IMPL in their own translation units (cpu/register.cpp, cpu/rope.cpp,
 // cpu/kvcache.cpp, cuda/*_register.cpp); Python adds fake kernels and autograd
 // (python/longattn/_ops.py, _rope_ops.py, _kvcache_ops.py). The ring attention ops are
-// Python custom ops (python/longattn/ring.py) over these.
+// Python custom ops (python/longattn/ring/ops.py) over these.
 #include <torch/library.h>
 
 TORCH_LIBRARY(longattn, m) {

@@ -20,20 +20,9 @@ if importlib.util.find_spec("longattn") is None and os.path.isdir(_PY):
     sys.path.insert(0, _PY)
 
 
-def _devices():
-    devs = ["cpu"]
-    if torch.cuda.is_available():
-        try:
-            import longattn
+from helpers import has_cuda_build  # noqa: E402 - after the sys.path setup above
 
-            if longattn.build_info().get("cuda"):
-                devs.append("cuda")
-        except Exception:  # noqa: BLE001 - a broken build shows up in the tests themselves
-            pass
-    return devs
-
-
-DEVICES = _devices()
+DEVICES = ["cpu", "cuda"] if has_cuda_build() else ["cpu"]
 
 
 def pytest_configure(config):

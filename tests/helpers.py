@@ -198,6 +198,61 @@ def check_backward(q, k, v, *, sink_logits=None, lse_grad=True, **kw):
     return out, lse, g
 
 
+def has_cuda_build():
+    """A GPU is visible and longattn was built with its CUDA kernels."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import longattn
+
+        return bool(longattn.build_info().get("cuda"))
+    except Exception:  # noqa: BLE001 - a broken build shows up in the tests themselves
+        return False
+
+
+def to_device(kw, device):
+    """kw with every tensor value moved to device (option dicts built for another device)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def assert_matches_cpu(fn, inputs, name="fn"):
+    """fn on the inputs' device against fn on CPU copies: every output and every input gradient
+    (random cotangents) equal to 1e-10 (float64) / 1e-5 (float32) of max(1, max|cpu|).
+
+    How a GPU kernel's float64 gradients are checked: torch.autograd.gradcheck verifies the CPU
+    kernel (hundreds of tiny launches on a GPU, and its reentrancy test wants bit-identical
+    backward passes, which only the deterministic mode promises). fn must put any tensor it
+    closes over on its inputs' device (to_device)."""
+    dev = [leaf(x, x.requires_grad) for x in inputs]
+    cpu = [leaf(x.detach().cpu(), x.requires_grad) for x in inputs]
+    outs_d, outs_c = fn(*dev), fn(*cpu)
+    outs_d = outs_d if isinstance(outs_d, (tuple, list)) else (outs_d,)
+    outs_c = outs_c if isinstance(outs_c, (tuple, list)) else (outs_c,)
+    cot = [torch.where(torch.isfinite(o), torch.randn(o.shape, dtype=torch.float64).to(o.dtype), 0)
+           for o in outs_c]
+    diff_d = [x for x in dev if x.requires_grad]
+    diff_c = [x for x in cpu if x.requires_grad]
+    g_d = torch.autograd.grad(outs_d, diff_d, [c.to(o.device) for c, o in zip(cot, outs_d)], allow_unused=True)
+    g_c = torch.autograd.grad(outs_c, diff_c, cot, allow_unused=True)
+    pairs = [(f"{name} output {i}", a, b) for i, (a, b) in enumerate(zip(outs_d, outs_c))]
+    zero = lambda g, x: torch.zeros_like(x) if g is None else g  # noqa: E731 - unused input
+    pairs += [(f"{name} grad {i}", zero(a, x), zero(b, y))
+              for i, (a, b, x, y) in enumerate(zip(g_d, g_c, diff_d, diff_c))]
+    for what, a, b in pairs:
+        a = a.detach().cpu()
+        b = b.detach()
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{what}: {a.dtype} {tuple(a.shape)} vs CPU {b.dtype} {tuple(b.shape)}"
+        fin = torch.isfinite(b)
+        assert torch.equal(fin, torch.isfinite(a)), f"{what}: non-finite values at other positions than on CPU"
+        assert torch.equal(a[~fin], b[~fin]), f"{what}: infinities differ from CPU"
+        if fin.any():
+            a64, b64 = a[fin].double(), b[fin].double()
+            tol = (1e-10 if a.dtype == torch.float64 else 1e-5) * max(1.0, b64.abs().max().item())
+            err = (a64 - b64).abs().max().item()
+            assert err <= tol, f"{what}: max|device - cpu| = {err:.3e} > {tol:.1e}"
+
+
 def lowp_dtypes_for(device):
     return [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -224,5 +279,8 @@ __all__ = [
     "check_backward",
     "call_attention",
     "cu_seqlens",
+    "has_cuda_build",
+    "to_device",
+    "assert_matches_cpu",
     "math",
 ]

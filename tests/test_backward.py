@@ -7,7 +7,7 @@ import torch
 
 import longattn
 from longattn.reference import alibi_slopes, attention_ref
-from helpers import check_backward, cu_seqlens, leaf, randn
+from helpers import assert_matches_cpu, check_backward, cu_seqlens, leaf, randn, to_device
 
 GRAD_COMBOS = {
     "none": {},
@@ -178,7 +178,13 @@ def _gradcheck_attention(fn, qkv, sink, lse_dtype):
     1. strict (default eps/tolerances) w.r.t. q, k, v with the float32 sink logits fixed;
     2. w.r.t. q, k, v and the sink logits (a float64 leaf rounded to float32 inside), with a
        larger step so that the fp32 rounding (~1e-7 / eps) stays below the tolerance.
-    The same split applies to lse when it is float32."""
+    The same split applies to lse when it is float32.
+    On a GPU, fn's outputs and gradients are compared with the CPU kernel's instead (see
+    helpers.assert_matches_cpu), with the sink logits as a float32 leaf."""
+    if qkv[0].device.type != "cpu":
+        z = () if sink is None else (sink.detach().float().requires_grad_(True),)
+        assert_matches_cpu(fn, tuple(qkv) + z, name="attention")
+        return
     z32 = None if sink is None else sink.detach().float()
     if lse_dtype == torch.float64:
         assert torch.autograd.gradcheck(lambda q, k, v: fn(q, k, v, z32), qkv, atol=1e-7, rtol=1e-5)
@@ -216,7 +222,7 @@ def test_gradcheck_attention(case, Hq, Hkv, device):
         sink = sink.double().requires_grad_(True)
 
     def fn(q, k, v, z=None):
-        out, lse = longattn.attention(q, k, v, sink_logits=z, return_lse=True, **kw)
+        out, lse = longattn.attention(q, k, v, sink_logits=z, return_lse=True, **to_device(kw, q.device))
         # -inf lse of fully masked rows has no finite difference; mask it to 0 (with zero grad).
         return out, torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
@@ -235,8 +241,8 @@ def test_gradcheck_attention_varlen(causal, device):
     cq, ck = cu_seqlens(lq, device), cu_seqlens(lk, device)
 
     def fn(q, k, v, z):
-        out, lse = longattn.attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, causal=causal,
-                                      window=(2, 1), sink_logits=z, return_lse=True)
+        out, lse = longattn.attention(q, k, v, cu_seqlens_q=cq.to(q.device), cu_seqlens_k=ck.to(q.device),
+                                      causal=causal, window=(2, 1), sink_logits=z, return_lse=True)
         return out, torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
     with torch.no_grad():

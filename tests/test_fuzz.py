@@ -2,7 +2,8 @@
 
 Each case draws shapes, mask parameters (including negative q_start, k_start offsets, windows
 with negative or unbounded sides, sinks), score options and dtype, and checks out, lse and all
-gradients. Seeds are fixed so a failure is reproducible from its id.
+gradients. Seeds are fixed so a failure is reproducible from its id; inputs are drawn on the CPU
+so a case is the same on every device.
 """
 import random
 
@@ -11,6 +12,7 @@ import torch
 
 import longattn
 from longattn import reference as R
+from helpers import to_device
 
 
 def draw_case(seed):
@@ -39,13 +41,13 @@ def draw_case(seed):
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_random_case_matches_reference(seed):
+def test_random_case_matches_reference(seed, device):
     shape, kw, dtype = draw_case(seed)
+    kw = to_device(kw, device)
     g = torch.Generator().manual_seed(seed)
     B, H, Hk, Lq, Lk, D = (shape[x] for x in ("B", "H", "Hk", "Lq", "Lk", "D"))
-    q = torch.randn(B, Lq, H, D, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(B, Lk, Hk, D, dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(B, Lk, Hk, D, dtype=dtype, generator=g).requires_grad_()
+    q, k, v = (torch.randn(B, L, h, D, dtype=dtype, generator=g).to(device).requires_grad_()
+               for L, h in ((Lq, H), (Lk, Hk), (Lk, Hk)))
     out, lse = longattn.attention(q, k, v, return_lse=True, **kw)
     ref_out, ref_lse = R.attention_ref(q, k, v, **kw)
     tol = 2e-5 if dtype == torch.float32 else 1e-10

@@ -5,8 +5,13 @@ result per (case, rank) to a file; the parametrized tests below read them, so sp
 at four groups. Each rank builds the full inputs from a seed, runs ``longattn.attention`` on
 the whole sequence as the reference, and compares its shard of out, lse, dq, dk and dv.
 Tolerances (absolute, unit-variance inputs): float64 1e-10; float32 1e-5 (out, lse) and 5e-5
-(gradients); bfloat16 3e-2.
+(gradients); bfloat16 3e-2; the CUDA-only fp16/bf16 cases at head dims 64/128: 2e-2 plus 2e-2
+relative.
 Every spawn has a deadline (and pytest-timeout a per-test limit), so a hang fails.
+
+The same cases run on CUDA tensors when the build has CUDA: world size 1 on one GPU (no
+communication), and 2 ranks on NCCL with two GPUs or more; the reference is then the
+single-process CUDA attention.
 """
 from __future__ import annotations
 
@@ -107,7 +112,8 @@ TOL = {"float64": (1e-10, 1e-10), "float32": (1e-5, 5e-5), "bfloat16": (3e-2, 3e
 
 def _inputs(spec, seed):
     g = torch.Generator().manual_seed(seed)
-    B, L, H, Hk, D = spec.get("B", 2), spec["L"], spec.get("H", 2), spec.get("Hk", 2), 8
+    B, L, H, Hk = spec.get("B", 2), spec["L"], spec.get("H", 2), spec.get("Hk", 2)
+    D = spec.get("D", 8)
     dtype = getattr(torch, spec["dtype"])
     mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa
     q, k, v, go = mk(B, L, H, D), mk(B, L, Hk, D), mk(B, L, Hk, D), mk(B, L, H, D)
@@ -116,13 +122,14 @@ def _inputs(spec, seed):
     return q, k, v, go, gl
 
 
-def _options(spec):
+def _options(spec, device="cpu"):
     kw = dict(spec["mask"])
     extra = dict(spec.get("extra", {}))
+    H = spec.get("H", 2)
     if extra.pop("alibi", False):
-        kw["alibi_slopes"] = torch.linspace(0.05, 0.5, spec.get("H", 2), dtype=torch.float32)
+        kw["alibi_slopes"] = torch.linspace(0.05, 0.5, H, dtype=torch.float32, device=device)
     if extra.pop("sink_logits", False):
-        kw["sink_logits"] = torch.linspace(-1.0, 2.0, spec.get("H", 2), dtype=torch.float32)
+        kw["sink_logits"] = torch.linspace(-1.0, 2.0, H, dtype=torch.float32, device=device)
     kw.update(extra)
     return kw
 
@@ -132,10 +139,11 @@ def _loss(out, lse, go, gl):
     return (out * go).sum() + (torch.where(finite, lse, 0) * gl).sum()
 
 
-def _run_case(spec, rank, W):
+def _run_case(spec, rank, W, device="cpu"):
     """Raise AssertionError when this rank's shard differs from the single-process result."""
-    q, k, v, go, gl = _inputs(spec, seed=len(spec["layout"]) * 7 + spec["L"])
-    kw = _options(spec)
+    q, k, v, go, gl = (t.to(device) for t in _inputs(spec, seed=len(spec["layout"]) * 7 +
+                                                     spec["L"]))
+    kw = _options(spec, device)
     sink = kw.pop("sink_logits", None)
     sinks = [None, None] if sink is None else [sink.clone().requires_grad_() for _ in "ab"]
     if sink is not None and spec["layout"] == "stripe" and q.dtype == torch.float64:
@@ -156,7 +164,7 @@ def _run_case(spec, rank, W):
                                            sink_logits=sinks[1], **kw)
     _loss(out_l, lse_l, cut(go), cut(gl, 2)).backward()
 
-    tol_out, tol_grad = TOL[spec["dtype"]]
+    tol_out, tol_grad = spec["tol"] if "tol" in spec else TOL[spec["dtype"]]
     ref_lse = cut(lse.detach(), 2)
     assert torch.equal(torch.isfinite(lse_l), torch.isfinite(ref_lse)), "fully masked rows"
     assert not torch.isnan(out_l).any(), "NaN in out"
@@ -170,7 +178,8 @@ def _run_case(spec, rank, W):
         checks.append(("dsink_logits", dsink, sinks[0].grad, 1e-5))
     for name, got, want, tol in checks:
         assert not torch.isnan(got).any(), f"NaN in {name}"
-        torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=0,
+        torch.testing.assert_close(got.double(), want.double(), atol=tol,
+                                   rtol=spec.get("rtol", 0),
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -186,15 +195,15 @@ def _expect(fn, exc, *needles):
     raise AssertionError(f"no {exc.__name__} raised")
 
 
-def _small(rank, dtype=torch.float64, n=6, H=2, Hk=1, B=1, requires_grad=False):
+def _small(rank, dtype=torch.float64, n=6, H=2, Hk=1, B=1, requires_grad=False, device="cpu"):
     g = torch.Generator().manual_seed(rank)
-    t = [torch.randn(B, n, h, 8, generator=g, dtype=torch.float64).to(dtype)
+    t = [torch.randn(B, n, h, 8, generator=g, dtype=torch.float64).to(device, dtype)
          for h in (H, Hk, Hk)]
     return [x.requires_grad_(requires_grad) for x in t]
 
 
-def _err_dtype(rank, W):
-    q, k, v = _small(rank, torch.float32 if rank == W - 1 else torch.float64)
+def _err_dtype(rank, W, device="cpu"):
+    q, k, v = _small(rank, torch.float32 if rank == W - 1 else torch.float64, device=device)
     _expect(lambda: ring.ring_attention(q, k, v, timeout=TIMEOUT_S), ValueError,
             "same dtype", "torch.float32", "torch.float64")
 
@@ -250,8 +259,8 @@ def _healthy_after_errors(rank, W):
     assert out.shape == q.shape and torch.isfinite(out).all()
 
 
-def _unshard_roundtrip(rank, W):
-    x = torch.arange(3 * (5 * W + 2), dtype=torch.float64).reshape(3, -1, 1)
+def _unshard_roundtrip(rank, W, device="cpu"):
+    x = torch.arange(3 * (5 * W + 2), dtype=torch.float64, device=device).reshape(3, -1, 1)
     for layout in ring.LAYOUTS:
         part = ring.shard(x, layout=layout, seq_dim=1)
         assert torch.equal(ring.unshard(part, layout=layout, seq_dim=1), x), layout
@@ -293,13 +302,13 @@ def _compile(rank, W):
         torch.testing.assert_close(a, b)
 
 
-def _peer_failure(rank, W):
+def _peer_failure(rank, W, device="cpu"):
     """Rank 1 fails inside the ring; rank 0 must raise promptly, not wait forever."""
-    q, k, v = _small(rank, n=6)
+    q, k, v = _small(rank, n=6, device=device)
     if rank == 1:
         def boom(*args, **kwargs):
             raise RuntimeError("injected failure")
-        ring._Comm.exchange = boom
+        ring.comm.Comm.exchange = boom
         _expect(lambda: ring.ring_attention(q, k, v, causal=False, timeout=3), RuntimeError,
                 "injected failure")
         time.sleep(1)   # stay alive a moment: rank 0 must get out by its timeout alone
@@ -321,25 +330,69 @@ SPECIAL = {
 _SPECIAL_FNS = {name: globals()["_" + name] for names in SPECIAL.values() for name in names}
 
 
-def _worker(rank, W, store, out_dir):
+# ---- the same on CUDA tensors: one GPU (W=1), and NCCL across two GPUs --------------------------
+
+CUDA_WORLD_SIZES = (1, 2)
+# on NCCL, peer_failure checks that the one timed wait at the end of a pass (the hops wait on
+# the stream) still turns a peer that never joined into an error
+CUDA_SPECIAL = {1: ["unshard_roundtrip"], 2: ["err_dtype", "unshard_roundtrip", "peer_failure"]}
+
+
+def _cuda_cases(W: int) -> dict:
+    cases = _cases(W)
+    # fp16/bf16 at head dims 64 and 128 reach the tensor-core kernels (D=8 runs on CUDA cores)
+    half = dict(tol=(2e-2, 2e-2), rtol=2e-2)
+    cases["zigzag-causal-bf16-d64"] = dict(layout="zigzag", mask=MASKS["causal"],
+                                           dtype="bfloat16", L=40 * W + 3, H=4, Hk=2, D=64,
+                                           **half)
+    cases["contiguous-lambda-f16-d128"] = dict(layout="contiguous", mask=MASKS["lambda"],
+                                               dtype="float16", L=40 * W, H=4, Hk=1, D=128,
+                                               **half)
+    return cases
+
+
+def _cuda_missing(W: int):
+    """Why the W-rank CUDA group cannot run here, or None."""
+    if not torch.cuda.is_available() or not longattn.build_info().get("cuda"):
+        return "needs a GPU and a CUDA build"
+    if torch.cuda.device_count() < W:
+        return f"needs {W} GPUs"
+    if W > 1 and not dist.is_nccl_available():
+        return "needs NCCL"
+    return None
+
+
+def _save(results, out_dir, rank):
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _worker(rank, W, store, out_dir, device="cpu"):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=60))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        backend = "nccl" if dist.is_nccl_available() else "gloo"
+        extra = dict(device_id=torch.device("cuda", rank)) if backend == "nccl" else {}
+        cases, special, kw = _cuda_cases(W), CUDA_SPECIAL.get(W, []), dict(device=device)
+    else:
+        backend, extra, cases, special, kw = "gloo", {}, _cases(W), SPECIAL.get(W, []), {}
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=W,
+                            timeout=datetime.timedelta(seconds=60), **extra)
     results = {}
-    for name, spec in _cases(W).items():
+    for name, spec in cases.items():
         try:
-            _run_case(spec, rank, W)
+            _run_case(spec, rank, W, device)
             results[name] = "ok"
         except Exception:  # noqa: BLE001  (reported to the parent, one entry per case)
             results[name] = traceback.format_exc()
-    for name in SPECIAL.get(W, []):
+    _save(results, out_dir, rank)
+    for name in special:
         try:
-            _SPECIAL_FNS[name](rank, W)
+            _SPECIAL_FNS[name](rank, W, **kw)
             results[name] = "ok"
         except Exception:  # noqa: BLE001
             results[name] = traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+        _save(results, out_dir, rank)   # what a rank that dies in a later case has done
     # Leave without tearing gloo down: under load, its teardown after the error cases
     # sometimes aborted a rank ("terminate called without an active exception") after every
     # result was written. A crash before this point still fails the test (no results file).
@@ -351,25 +404,39 @@ def _worker(rank, W, store, out_dir):
 _RESULTS = {}
 
 
-def _world(W, tmp_path_factory):
-    """Spawn the W-rank group once; {case: {rank: "ok" or a traceback}}."""
-    if W not in _RESULTS:
-        d = tmp_path_factory.mktemp(f"ring_w{W}")
-        ctx = mp.start_processes(_worker, args=(W, str(d / "store"), str(d)), nprocs=W,
+def _world(W, tmp_path_factory, device="cpu"):
+    """Spawn the W-rank group once; ({case: {rank: "ok" or a traceback}}, why a rank died)."""
+    if (W, device) not in _RESULTS:
+        d = tmp_path_factory.mktemp(f"ring_{device}_w{W}")
+        ctx = mp.start_processes(_worker, args=(W, str(d / "store"), str(d), device), nprocs=W,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + SPAWN_DEADLINE_S
-        while not ctx.join(timeout=1):
+        died = ""
+        while True:
+            try:
+                if ctx.join(timeout=1):
+                    break
+            except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+                died = f"a rank died: {e}"   # keep what the ranks saved
+                break
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     p.kill()
                 pytest.fail(f"the {W}-rank group did not finish in {SPAWN_DEADLINE_S} s")
-        per_rank = [json.load(open(d / f"rank{r}.json")) for r in range(W)]
-        _RESULTS[W] = {name: {r: per_rank[r][name] for r in range(W)} for name in per_rank[0]}
-    return _RESULTS[W]
+        per_rank = []
+        for r in range(W):
+            f = d / f"rank{r}.json"
+            per_rank.append(json.load(open(f)) if f.exists() else {})
+        names = set().union(*per_rank)
+        _RESULTS[(W, device)] = ({name: {r: per_rank[r].get(name, f"no result ({died})")
+                                         for r in range(W)} for name in names}, died)
+    return _RESULTS[(W, device)]
 
 
-def _check(W, name, tmp_path_factory):
-    res = _world(W, tmp_path_factory)[name]
+def _check(W, name, tmp_path_factory, device="cpu"):
+    results, died = _world(W, tmp_path_factory, device)
+    res = results.get(name)
+    assert res is not None, f"no rank reported {name} ({died or 'not run'})"
     bad = {r: msg for r, msg in res.items() if msg != "ok"}
     assert not bad, "\n".join(f"--- rank {r} ---\n{m}" for r, m in bad.items())
 
@@ -384,6 +451,16 @@ def test_matches_single_process(W, name, tmp_path_factory):
 @pytest.mark.parametrize("W,name", [(W, n) for W, names in SPECIAL.items() for n in names])
 def test_errors_compile_and_failure(W, name, tmp_path_factory):
     _check(W, name, tmp_path_factory)
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 30)
+@pytest.mark.parametrize("W,name", [(W, n) for W in CUDA_WORLD_SIZES
+                                    for n in list(_cuda_cases(W)) + CUDA_SPECIAL[W]])
+def test_cuda_matches_single_process(W, name, tmp_path_factory):
+    why = _cuda_missing(W)
+    if why:
+        pytest.skip(why)
+    _check(W, name, tmp_path_factory, "cuda")
 
 
 # ---- single-process tests: geometry, schedule, bad input --------------------------------------

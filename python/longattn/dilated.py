@@ -31,15 +31,62 @@ def _kv_heads(t: torch.Tensor, o: int, r: int, heads_q: int) -> torch.Tensor:
 
 def _one_config(q, k, v, w: int, r: int, causal: bool, scale):
     B, L, H, _ = q.shape
+    n_full = L // w
+    full = n_full * w
+    if n_full > 0 and w % r == 0 and H % r == 0 and r <= w:
+        out, lse = _full_segments_diagonal(q, k, v, w, r, causal, scale)
+        if full == L:
+            return out, lse
+        o_rem, l_rem = _scatter_config(q[:, full:], k[:, full:], v[:, full:], w, r, causal, scale)
+        return torch.cat([out, o_rem], dim=1), torch.cat([lse, l_rem], dim=2)
+    return _scatter_config(q, k, v, w, r, causal, scale)
+
+
+def _run(q, k, v, o: int, r: int, heads_q: int, causal: bool, scale):
+    return attention(q, _kv_heads(k, o, r, heads_q), _kv_heads(v, o, r, heads_q), causal=causal,
+                     scale=scale, return_lse=True)
+
+
+def _full_segments_diagonal(q, k, v, w: int, r: int, causal: bool, scale):
+    """Output and lse of the full segments (tokens [0, L // w * w)) when every offset class
+    has the same shape (w % r == 0, H % r == 0).
+
+    Token t * r + a of a segment and head g * r + c are kept iff a == c: the kept entries are
+    the diagonal of the (a, c) plane. Inputs are taken as the diagonal's r slices and results
+    placed back with diag_embed, so autograd sees one diagonal / stack per tensor. Strided
+    slices per offset (and slice assignment of the results) would each allocate and fill a
+    full-size gradient in the backward: r of them per tensor, which made the backward ~5x
+    the forward."""
+    B, L, H, D = q.shape
+    n = L // w
+    full = n * w
+
+    def fold(t):  # (B * n, w / r, a, heads, D); a view unless t is not foldable
+        return t[:, :full].reshape(B * n, w // r, r, t.shape[2], D)
+
+    q_parts = torch.diagonal(fold(q).unflatten(3, (H // r, r)), dim1=2, dim2=4).unbind(-1)
+    k_parts, v_parts = fold(k).unbind(2), fold(v).unbind(2)
+    outs, lses = [], []
+    for o in range(r):
+        o_c, l_c = _run(q_parts[o], k_parts[o], v_parts[o], o, r, H, causal, scale)
+        outs.append(o_c)  # (B * n, w / r, H / r, D)
+        lses.append(l_c.unflatten(0, (B, n)).transpose(1, 2))  # (B, H / r, n, w / r)
+    # out: (B * n, w / r, [a], H / r, [c], D) with the offset on the (a, c) diagonal.
+    out = torch.diag_embed(torch.stack(outs, dim=-1), dim1=2, dim2=4).reshape(B, full, H, D)
+    # lse: (B, H / r, [c], n, w / r, [a]); off the diagonal a token is not kept: -inf.
+    lse = torch.diag_embed(torch.stack(lses, dim=-1), dim1=2, dim2=5)
+    on_diag = torch.eye(r, dtype=torch.bool, device=q.device).view(r, 1, 1, r)
+    lse = torch.where(on_diag, lse, float("-inf")).reshape(B, H, full)
+    return out, lse
+
+
+def _scatter_config(q, k, v, w: int, r: int, causal: bool, scale):
+    """Any shapes: one call per (batch element, offset), results assigned into place."""
+    B, L, H, _ = q.shape
     out = q.new_zeros(q.shape)
     lse = q.new_full((B, H, L), float("-inf"), dtype=_lse_dtype(q))
     n_full = L // w
     full = n_full * w
-
-    def run(qv, kv, vv, o):
-        return attention(qv, _kv_heads(kv, o, r, H), _kv_heads(vv, o, r, H), causal=causal,
-                         scale=scale, return_lse=True)
-
     for o in range(min(r, H)):
         hs = slice(o, None, r)
         for b in range(B):
@@ -47,13 +94,13 @@ def _one_config(q, k, v, w: int, r: int, causal: bool, scale):
                 # (n_full, w/r, H, D): the full segments become the batch of one strided view.
                 def seg(t):
                     return t[b, :full].unflatten(0, (n_full, w))[:, o::r]
-                o_c, l_c = run(seg(q)[:, :, hs], seg(k), seg(v), o)
+                o_c, l_c = _run(seg(q)[:, :, hs], seg(k), seg(v), o, r, H, causal, scale)
                 seg(out)[:, :, hs] = o_c
                 lse[b, hs, :full].unflatten(-1, (n_full, w))[:, :, o::r] = l_c.transpose(0, 1)
             if L - full > o:  # the last, shorter segment
                 sl = slice(full + o, None, r)
-                o_c, l_c = run(q[b, sl, hs].unsqueeze(0), k[b, sl].unsqueeze(0),
-                               v[b, sl].unsqueeze(0), o)
+                o_c, l_c = _run(q[b, sl, hs].unsqueeze(0), k[b, sl].unsqueeze(0),
+                                v[b, sl].unsqueeze(0), o, r, H, causal, scale)
                 out[b, sl, hs] = o_c[0]
                 lse[b, hs, sl] = l_c[0]
     return out, lse
