@@ -1,10 +1,12 @@
-"""KV-cache benchmarks (CPU): compaction throughput, decode attention with score
+"""KV-cache benchmarks: compaction throughput, compaction with key re-rotation (StreamingLLM's
+position shift) fused or as compact_ + rerotate_keys, decode attention with score
 accumulation, memory of true per-head lengths.
 
-    python bench/bench_kvcache.py [--quick]
+    python bench/bench_kvcache.py [--quick] [--device cpu|cuda]
 
 Timings of the compared implementations are interleaved round-robin (the machine is shared,
-only ratios within one run mean anything); the median of the reps is reported.
+only ratios within one run mean anything); the median of the reps is reported. On CUDA each
+timed call is bracketed by synchronizations (wall clock of one call, launches included).
 """
 from __future__ import annotations
 
@@ -16,27 +18,47 @@ import time
 import torch
 import torch.nn.functional as F
 
+import longattn
 from longattn import kvcache as kvc
 
+DEVICE = "cpu"
 
-def interleaved(fns: dict, reps: int) -> dict:
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(f) -> float:
+    sync()
+    t = time.perf_counter()
+    f()
+    sync()
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, reps: int, reset=None) -> dict:
+    """Median time of each fn, round-robin; reset() (untimed) before every call."""
     for f in fns.values():
+        if reset:
+            reset()
         f()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+            if reset:
+                reset()
+            times[k].append(timed(f))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_compaction(B, H, C, D, keep_frac, dtype, reps):
-    k = torch.randn(B, H, C, D, dtype=dtype)
+    dev = DEVICE
+    k = torch.randn(B, H, C, D, dtype=dtype, device=dev)
     v = torch.randn_like(k)
-    pos = torch.arange(C).expand(B, H, C).contiguous()
-    scores = torch.rand(B, H, C)
-    lens = torch.full((B, H), C, dtype=torch.int32)
+    pos = torch.arange(C, device=dev).expand(B, H, C).contiguous()
+    scores = torch.rand(B, H, C, device=dev)
+    lens = torch.full((B, H), C, dtype=torch.int32, device=dev)
     n = int(C * keep_frac)
     keep, counts = kvc.select_keep(scores, lens, 4, 64, n)
     state = {}
@@ -56,26 +78,57 @@ def bench_compaction(B, H, C, D, keep_frac, dtype, reps):
         s2 = scores.gather(2, keep).contiguous()
         return k2, v2, p2, s2
 
-    t = {"compact_": [], "gather": []}
-    gather()
-    for _ in range(reps):
-        reset()
-        t0 = time.perf_counter(); ours(); t["compact_"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); gather(); t["gather"].append(time.perf_counter() - t0)
+    res = interleaved({"compact_": ours, "gather": gather}, reps, reset)
     moved = 2 * 2 * B * H * n * D * k.element_size()  # read + write of the kept K and V rows
-    res = {name: statistics.median(v) for name, v in t.items()}
     print(f"compaction B={B} H={H} C={C} D={D} keep={n} {str(dtype)[6:]}: "
           + "  ".join(f"{name} {s*1e3:.2f} ms ({moved/s/1e9:.1f} GB/s)" for name, s in res.items())
           + f"  speedup {res['gather']/res['compact_']:.2f}x")
 
 
+def bench_shift(B, H, C, D, n_sink, n_recent, dtype, reps):
+    """StreamingLLM eviction with position shift on a full cache of rotated keys: keep the
+    sinks and the recent window, renumber them to their slots. Unfused: compact_ then
+    rerotate_keys over the live prefix (the policy's former path); fused: compact_rerotate_."""
+    dev = DEVICE
+    inv_freq = longattn.rope.frequencies(D, 10000.0)[0].to(dev)
+    k = torch.randn(B, H, C, D, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    pos = torch.arange(C, device=dev).expand(B, H, C).contiguous()
+    lens = torch.full((B, H), C, dtype=torch.int32, device=dev)
+    zeros = torch.zeros(B, H, C, device=dev)
+    keep, counts = kvc.select_keep(zeros, lens, n_sink, n_recent, n_sink + n_recent)
+    n = keep.shape[-1]
+    new = torch.arange(n, device=dev).expand(B, H, n)
+    state = {}
+
+    def reset():
+        state.update(k=k.clone(), v=v.clone(), p=pos.clone(), l=lens.clone())
+
+    def unfused():
+        kvc.compact_(state["k"], state["v"], state["l"], keep, counts, positions=state["p"])
+        kk = state["k"].view(B * H, C, 1, D)[:, :n]
+        longattn.rope.rerotate_keys(kk, state["p"][:, :, :n].reshape(B * H, n),
+                                    new.reshape(B * H, n), inv_freq, inplace=True)
+        state["p"][:, :, :n] = new
+
+    def fused():
+        kvc.compact_rerotate_(state["k"], state["v"], state["l"], keep, counts, state["p"],
+                              inv_freq)
+
+    res = interleaved({"compact_rerotate_": fused, "compact_+rerotate_keys": unfused}, reps, reset)
+    print(f"shift B={B} H={H} C={C} D={D} keep {n_sink}+{n_recent} {str(dtype)[6:]}: "
+          + "  ".join(f"{name} {t*1e3:.2f} ms" for name, t in res.items())
+          + f"  speedup {res['compact_+rerotate_keys']/res['compact_rerotate_']:.2f}x")
+
+
 def bench_decode(B, Hq, Hkv, C, D, dtype, reps):
     G = Hq // Hkv
-    k = torch.randn(B, Hkv, C, D, dtype=dtype)
+    dev = DEVICE
+    k = torch.randn(B, Hkv, C, D, dtype=dtype, device=dev)
     v = torch.randn_like(k)
-    q = torch.randn(B, Hq, 1, D, dtype=dtype)
-    lens = torch.full((B, Hkv), C, dtype=torch.int32)
-    s = torch.zeros(B, Hkv, C)
+    q = torch.randn(B, Hq, 1, D, dtype=dtype, device=dev)
+    lens = torch.full((B, Hkv), C, dtype=torch.int32, device=dev)
+    s = torch.zeros(B, Hkv, C, device=dev)
 
     def ours():
         kvc.decode_attention(q, k, v, lens, scores=s)
@@ -115,15 +168,28 @@ def memory_per_head(B, H, D, C, budgets):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--only", default="", help="comma list of compaction,shift,decode,memory")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    only = set(a.only.split(",")) if a.only else {"compaction", "shift", "decode", "memory"}
     reps = 3 if a.quick else 9
     C = 4096 if a.quick else 16384
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for dtype in (torch.float32, torch.bfloat16):
-        bench_compaction(1, 8, C, 128, 0.5, dtype, reps)
-    for dtype in (torch.float32, torch.bfloat16):
-        bench_decode(1, 32, 8, C, 128, dtype, reps)
-    memory_per_head(1, 8, 128, C, [C // 8, C // 4, C // 2, C, C // 8, C // 16, C // 4, C // 2])
+    where = (torch.cuda.get_device_name() if DEVICE == "cuda"
+             else f"threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, {DEVICE}: {where}")
+    if "compaction" in only:
+        for dtype in (torch.float32, torch.bfloat16):
+            bench_compaction(1, 8, C, 128, 0.5, dtype, reps)
+    if "shift" in only:
+        for dtype in (torch.float32, torch.bfloat16):
+            bench_shift(1, 8, C, 128, 4, C // 2, dtype, reps)
+    if "decode" in only:
+        for dtype in (torch.float32, torch.bfloat16):
+            bench_decode(1, 32, 8, C, 128, dtype, reps)
+    if "memory" in only:
+        memory_per_head(1, 8, 128, C, [C // 8, C // 4, C // 2, C, C // 8, C // 16, C // 4, C // 2])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 // Every longattn op schema, in one place. Backends register implementations with
 // TORCH_LIBRARY_IMPL in their own translation units (cpu/register.cpp, cpu/rope.cpp,
-// cpu/kvcache.cpp, cuda/rope_register.cpp); Python adds fake kernels and autograd
+// cpu/kvcache.cpp, cuda/*_register.cpp); Python adds fake kernels and autograd
 // (python/longattn/_ops.py, _rope_ops.py, _kvcache_ops.py). The ring attention ops are
 // Python custom ops (python/longattn/ring/ops.py) over these.
 #include <torch/library.h>
@@ -54,4 +54,13 @@ TORCH_LIBRARY(longattn, m) {
   m.def(
       "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? positions, "
       "Tensor(d!)? scores, Tensor(e!) lengths, Tensor keep, Tensor keep_lengths) -> ()");
+  // compact_ that also moves the kept keys to new positions: key keep[b, h, j] is rotated by
+  // (new_positions[b, h, j] - positions[b, h, keep[b, h, j]]) * inv_freq on its first
+  // rotary_dim features (NeoX halves, or interleaved pairs; the angle exact as in rope) as it
+  // moves to row j, and positions[b, h, j] <- new_positions[b, h, j] (B, H, K like keep).
+  // Equals compact_ then rerotate_keys, in one pass over the cache.
+  m.def(
+      "compact_rerotate_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) positions, "
+      "Tensor(d!)? scores, Tensor(e!) lengths, Tensor keep, Tensor keep_lengths, "
+      "Tensor new_positions, Tensor inv_freq, int rotary_dim, bool interleaved) -> ()");
 }

@@ -1,16 +1,18 @@
 // CPU KV-cache ops: decode attention over a per-head-length cache (flash-decoding split with
-// an optional fused score accumulation) and in-place compaction.
+// an optional fused score accumulation) and in-place compaction (optionally re-rotating the
+// kept keys to new positions on the way).
 //
 // decode_attention: work items are (batch, kv head, key chunk of kDecodeChunk). An item loads
 // each key/value row once and uses it for all G*n query rows of the GQA group (G query heads x
 // n new tokens), writing a partial (out, lse) for its chunk. Partials are merged per row in
-// chunk order, so the result does not depend on the thread count. With a score buffer a
-// second pass over the same items recomputes the logits and adds exp(s - lse) summed over the
-// group's rows into scores[b, h, j]: each item owns its keys, so the sum is deterministic.
+// chunk order, so the result does not depend on the thread count. With a score buffer the
+// items keep their logits, and a second pass over the same items adds exp(s - lse) summed over
+// the group's rows into scores[b, h, j]: each item owns its keys, so the sum is deterministic.
 //
-// compact_: every keep list is validated before anything moves (a bad index leaves the cache
-// untouched); then (batch, head) items copy row idx[j] down to row j. Indices are strictly
-// ascending, so idx[j] >= j and no row is read after it was overwritten.
+// compact_ / compact_rerotate_: every keep list is validated before anything moves (a bad
+// index leaves the cache untouched); then (batch, head) items copy row idx[j] down to row j.
+// Indices are strictly ascending, so idx[j] >= j and no row is read after it was overwritten.
+// Argument checks shared with CUDA: kvcache_args.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -21,10 +23,13 @@
 #include <memory>
 #include <vector>
 
+#include <ATen/cpu/vec/functional.h>
+
 #include "common/kvcache_math.h"
 #include "cpu/parallel.h"
+#include "cpu/rope_rows.h"
 #include "cpu/vec_math.h"
-#include <ATen/cpu/vec/functional.h>
+#include "kvcache_args.h"
 
 namespace longattn::cpu {
 namespace {
@@ -35,25 +40,6 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 int64_t read_int(const at::Tensor& t, int64_t off) {
   return t.scalar_type() == at::kLong ? t.const_data_ptr<int64_t>()[off]
                                       : static_cast<int64_t>(t.const_data_ptr<int32_t>()[off]);
-}
-
-void check_int_tensor(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
-              "longattn: ", name, " must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, "longattn: ", name, " must be ", dim, "-D, got ", t.sizes());
-}
-
-void check_cache_pair(const at::Tensor& k, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op, ": k_cache and v_cache must be (batch, kv_heads, "
-              "capacity, head_dim), got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == v.scalar_type(), op, ": k_cache and v_cache dtypes differ (",
-              k.scalar_type(), " vs ", v.scalar_type(), ")");
-  TORCH_CHECK(k.device() == v.device(), op, ": k_cache and v_cache devices differ");
-  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2), op,
-              ": k_cache ", k.sizes(), " and v_cache ", v.sizes(), " disagree on batch, heads or "
-              "capacity");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, op,
-              ": the cache's head_dim must be contiguous (stride 1)");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -263,22 +249,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
     const std::optional<at::Tensor>& q_positions, double scale, int64_t window, int64_t sinks,
     const std::optional<at::Tensor>& scores) {
   constexpr const char* op = "longattn.decode_attention";
-  check_cache_pair(k_cache, v_cache, op);
-  TORCH_CHECK(q.dim() == 4, op, ": q must be (batch, q_heads, n_new, head_dim), got ", q.sizes());
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), op, ": q dtype ", q.scalar_type(),
-              " differs from the cache's ", k_cache.scalar_type());
-  TORCH_CHECK(q.device() == k_cache.device(), op, ": q is on ", q.device(), ", the cache on ",
-              k_cache.device());
-  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(1), C = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B, op, ": q batch ", B, " vs cache batch ", k_cache.size(0));
-  TORCH_CHECK(k_cache.size(3) == D, op, ": q head_dim ", D, " vs cache head_dim ",
-              k_cache.size(3));
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads (", Hq,
-              ") must be a multiple of the cache's kv heads (", Hkv, ")");
-  check_int_tensor(lengths, "lengths", 2);
-  TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == Hkv, op, ": lengths must be (", B, ", ",
-              Hkv, "), got ", lengths.sizes());
+  const DecodeShape sh = check_decode_args(q, k_cache, v_cache, lengths, positions, q_positions,
+                                           scores);
+  const int64_t B = sh.B, Hq = sh.Hq, Hkv = sh.Hkv, n = sh.n, D = sh.D, C = sh.C;
   at::Tensor len_c = lengths.contiguous();
   for (int64_t x = 0; x < B * Hkv; ++x) {
     const int64_t L = read_int(len_c, x);
@@ -293,30 +266,16 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   a.lengths = len_c;
   if (positions.has_value()) {
     const auto& p = *positions;
-    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 3 && p.size(0) == B &&
-                    p.size(1) == Hkv && p.size(2) == C,
-                op, ": positions must be int64 (", B, ", ", Hkv, ", ", C, "), got ",
-                p.scalar_type(), " ", p.sizes());
-    TORCH_CHECK(p.device() == q.device(), op, ": positions on the wrong device");
     a.pos = p.const_data_ptr<int64_t>();
     for (int d = 0; d < 3; ++d) a.ps[d] = p.stride(d);
   }
   if (q_positions.has_value()) {
     const auto& p = *q_positions;
-    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 2 && p.size(0) == B && p.size(1) == n,
-                op, ": q_positions must be int64 (", B, ", ", n, "), got ", p.scalar_type(), " ",
-                p.sizes());
-    TORCH_CHECK(p.device() == q.device(), op, ": q_positions on the wrong device");
     a.qpos = p.const_data_ptr<int64_t>();
     a.qps[0] = p.stride(0); a.qps[1] = p.stride(1);
   }
   if (scores.has_value()) {
     const auto& s = *scores;
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 3 && s.size(0) == B &&
-                    s.size(1) == Hkv && s.size(2) == C,
-                op, ": scores must be float32 (", B, ", ", Hkv, ", ", C, "), got ",
-                s.scalar_type(), " ", s.sizes());
-    TORCH_CHECK(s.device() == q.device(), op, ": scores on the wrong device");
     a.scores = s.data_ptr<float>();
     for (int d = 0; d < 3; ++d) a.ss[d] = s.stride(d);
   }
@@ -331,89 +290,147 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
 }
 
 // ---------------------------------------------------------------------------------------
-// compact_
+// compact_ and compact_rerotate_
 // ---------------------------------------------------------------------------------------
+
+// compact_rerotate_: the kept key keep[j] is rotated by new_positions[j] - positions[keep[j]]
+// (its first rotary_dim features) while it moves to row j; positions[j] <- new_positions[j].
+struct Rerotation {
+  const int64_t* new_pos;
+  int64_t ns[3];
+  std::vector<double> freq;
+  int64_t rotary_dim;
+  bool interleaved;
+};
+
+// Validates every keep list before anything moves (a bad index leaves the cache untouched);
+// returns the kept counts per (b, h).
+std::vector<int64_t> validate_keep_lists(const char* op, const CompactShape& sh,
+                                         const at::Tensor& lengths, const at::Tensor& keep_c,
+                                         const at::Tensor& kl_c) {
+  const at::Tensor len_c = lengths.contiguous();
+  const int64_t* idx = keep_c.const_data_ptr<int64_t>();
+  std::vector<int64_t> counts(sh.B * sh.H);
+  for (int64_t x = 0; x < sh.B * sh.H; ++x) {
+    const int64_t b = x / sh.H, h = x % sh.H;
+    const int64_t L = read_int(len_c, x), n = read_int(kl_c, x);
+    if (L < 0 || L > sh.C) raise_bad_length(op, sh.C, L);
+    if (n < 0 || n > sh.K) raise_bad_keep_length(op, b, h, n, sh.K);
+    const int64_t* ix = idx + x * sh.K;
+    const int64_t bad = kv::first_bad_keep(ix, 1, n, L);
+    if (bad >= 0) raise_bad_keep(op, b, h, L, bad, ix[bad], bad > 0 ? ix[bad - 1] : -1);
+    counts[x] = n;
+  }
+  return counts;
+}
+
+// Per (b, h), rows in increasing j: idx[j] >= j and only rows below j were written, so every
+// source row is read before it is overwritten. Rotation tables are rebuilt only when the shift
+// changes (a StreamingLLM eviction shifts a whole run of keys by the same amount).
+template <typename T>
+void compact_kernel(const CompactShape& sh, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const std::optional<at::Tensor>& positions,
+                    const std::optional<at::Tensor>& scores, const int64_t* idx,
+                    const std::vector<int64_t>& counts, const Rerotation* rot) {
+  using C = acc_t<T>;
+  char* kp = static_cast<char*>(k_cache.data_ptr());
+  char* vp = static_cast<char*>(v_cache.data_ptr());
+  const int64_t es = k_cache.element_size(), D = k_cache.size(3);
+  const int64_t krow = D * es, vrow = v_cache.size(3) * es;
+  const int64_t kst = k_cache.stride(2) * es, vst = v_cache.stride(2) * es;
+  int64_t* pp = positions.has_value() ? positions->data_ptr<int64_t>() : nullptr;
+  float* sp = scores.has_value() ? scores->data_ptr<float>() : nullptr;
+  const int64_t R = rot ? rot->rotary_dim : 0, half = R / 2;
+  parallel_items(
+      sh.B * sh.H, [&] { return std::vector<C>(5 * R); },
+      [&](int64_t x, std::vector<C>& buf) {
+        const int64_t b = x / sh.H, h = x % sh.H;
+        const int64_t* ix = idx + x * sh.K;
+        char* kb = kp + (b * k_cache.stride(0) + h * k_cache.stride(1)) * es;
+        char* vb = vp + (b * v_cache.stride(0) + h * v_cache.stride(1)) * es;
+        int64_t* pr = pp ? pp + b * positions->stride(0) + h * positions->stride(1) : nullptr;
+        const int64_t pst = pp ? positions->stride(2) : 0;
+        float* sr = sp ? sp + b * scores->stride(0) + h * scores->stride(1) : nullptr;
+        const int64_t sst = sp ? scores->stride(2) : 0;
+        rope_rows::Tables<C> tab{buf.data(), buf.data() + half, buf.data() + R, buf.data() + 2 * R};
+        C* scratch = buf.data() + 3 * R;
+        bool have_table = false;
+        int64_t table_delta = 0;
+        for (int64_t j = 0; j < counts[x]; ++j) {
+          const int64_t s = ix[j];
+          int64_t delta = 0;
+          if (rot) {
+            const int64_t np = rot->new_pos[b * rot->ns[0] + h * rot->ns[1] + j * rot->ns[2]];
+            delta = np - pr[s * pst];  // read before row j's position is overwritten (s >= j)
+            pr[j * pst] = np;
+          }
+          if (s == j && delta == 0) continue;
+          if (delta != 0) {
+            if (!have_table || delta != table_delta) {
+              rope_rows::position_tables<C>(delta, rot->freq.data(), half, C(1), C(1),
+                                            rot->interleaved, tab);
+              have_table = true;
+              table_delta = delta;
+            }
+            rope_rows::rotate_row<T, C>(reinterpret_cast<const T*>(kb + s * kst),
+                                        reinterpret_cast<T*>(kb + j * kst), tab, R,
+                                        rot->interleaved, scratch);
+            if (s != j) std::memcpy(kb + j * kst + R * es, kb + s * kst + R * es, krow - R * es);
+          } else {
+            std::memcpy(kb + j * kst, kb + s * kst, krow);
+          }
+          if (s == j) continue;
+          std::memcpy(vb + j * vst, vb + s * vst, vrow);
+          if (pr && !rot) pr[j * pst] = pr[s * pst];
+          if (sr) sr[j * sst] = sr[s * sst];
+        }
+      });
+}
+
+void compact_impl(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const std::optional<at::Tensor>& positions,
+                  const std::optional<at::Tensor>& scores, const at::Tensor& lengths,
+                  const at::Tensor& keep, const at::Tensor& keep_lengths, const CompactShape& sh,
+                  const Rerotation* rot) {
+  const at::Tensor keep_c = keep.to(at::kLong).contiguous();
+  const at::Tensor kl_c = keep_lengths.contiguous();
+  const std::vector<int64_t> counts = validate_keep_lists(op, sh, lengths, keep_c, kl_c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(),
+                                  "longattn::compact_", [&] {
+    compact_kernel<scalar_t>(sh, k_cache, v_cache, positions, scores,
+                             keep_c.const_data_ptr<int64_t>(), counts, rot);
+  });
+  // New lengths, written in lengths' own dtype.
+  lengths.copy_(kl_c.to(lengths.scalar_type()));
+}
 
 void compact_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& scores,
                  const at::Tensor& lengths, const at::Tensor& keep, const at::Tensor& keep_lengths) {
   constexpr const char* op = "longattn.compact_";
-  check_cache_pair(k_cache, v_cache, op);
-  const int64_t B = k_cache.size(0), H = k_cache.size(1), C = k_cache.size(2);
-  check_int_tensor(lengths, "lengths", 2);
-  check_int_tensor(keep, "keep", 3);
-  check_int_tensor(keep_lengths, "keep_lengths", 2);
-  TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op, ": lengths must be (", B, ", ", H,
-              "), got ", lengths.sizes());
-  TORCH_CHECK(keep.size(0) == B && keep.size(1) == H, op, ": keep must be (", B, ", ", H,
-              ", n), got ", keep.sizes());
-  TORCH_CHECK(keep_lengths.size(0) == B && keep_lengths.size(1) == H, op,
-              ": keep_lengths must be (", B, ", ", H, "), got ", keep_lengths.sizes());
-  for (const auto* t : {&lengths, &keep, &keep_lengths}) {
-    TORCH_CHECK(t->device() == k_cache.device(), op, ": index tensors must be on the cache's device");
-  }
-  if (positions.has_value()) {
-    const auto& p = *positions;
-    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 3 && p.size(0) == B && p.size(1) == H &&
-                    p.size(2) == C,
-                op, ": positions must be int64 (", B, ", ", H, ", ", C, ")");
-  }
-  if (scores.has_value()) {
-    const auto& s = *scores;
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 3 && s.size(0) == B && s.size(1) == H &&
-                    s.size(2) == C,
-                op, ": scores must be float32 (", B, ", ", H, ", ", C, ")");
-  }
-  const at::Tensor keep_c = keep.to(at::kLong).contiguous();
-  const at::Tensor kl_c = keep_lengths.contiguous();
-  const at::Tensor len_c = lengths.contiguous();
-  const int64_t K = keep.size(2);
-  const int64_t* idx = keep_c.const_data_ptr<int64_t>();
-  // Validate everything before moving anything.
-  std::vector<int64_t> counts(B * H);
-  for (int64_t x = 0; x < B * H; ++x) {
-    const int64_t L = read_int(len_c, x), n = read_int(kl_c, x);
-    TORCH_CHECK(L >= 0 && L <= C, op, ": lengths must lie in [0, ", C, "], got ", L);
-    TORCH_CHECK(n >= 0 && n <= K, op, ": keep_lengths[", x / H, ", ", x % H, "] = ", n,
-                " outside [0, ", K, "]");
-    const int64_t bad = kv::first_bad_keep(idx + x * K, 1, n, L);
-    TORCH_CHECK(bad < 0, op, ": keep[", x / H, ", ", x % H, "] must be strictly ascending "
-                "indices in [0, length=", L, "); entry ", bad, " is ",
-                bad < 0 ? 0 : idx[x * K + bad], bad > 0 ? " after " : "",
-                bad > 0 ? std::to_string(idx[x * K + bad - 1]) : std::string());
-    counts[x] = n;
-  }
-  char* kp = static_cast<char*>(k_cache.data_ptr());
-  char* vp = static_cast<char*>(v_cache.data_ptr());
-  const int64_t es = k_cache.element_size();
-  const int64_t krow = k_cache.size(3) * es, vrow = v_cache.size(3) * es;
-  int64_t* pp = positions.has_value() ? positions->data_ptr<int64_t>() : nullptr;
-  float* sp = scores.has_value() ? scores->data_ptr<float>() : nullptr;
-  parallel_items(
-      B * H, [] { return 0; },
-      [&](int64_t x, int&) {
-        const int64_t b = x / H, h = x % H;
-        const int64_t* ix = idx + x * K;
-        char* kb = kp + (b * k_cache.stride(0) + h * k_cache.stride(1)) * es;
-        char* vb = vp + (b * v_cache.stride(0) + h * v_cache.stride(1)) * es;
-        const int64_t kst = k_cache.stride(2) * es, vst = v_cache.stride(2) * es;
-        for (int64_t j = 0; j < counts[x]; ++j) {
-          const int64_t s = ix[j];
-          if (s == j) continue;
-          std::memcpy(kb + j * kst, kb + s * kst, krow);
-          std::memcpy(vb + j * vst, vb + s * vst, vrow);
-          if (pp) {
-            int64_t* pr = pp + b * positions->stride(0) + h * positions->stride(1);
-            pr[j * positions->stride(2)] = pr[s * positions->stride(2)];
-          }
-          if (sp) {
-            float* sr = sp + b * scores->stride(0) + h * scores->stride(1);
-            sr[j * scores->stride(2)] = sr[s * scores->stride(2)];
-          }
-        }
-      });
-  // New lengths, written in lengths' own dtype.
-  lengths.copy_(kl_c.to(lengths.scalar_type()));
+  const CompactShape sh = check_compact_args(op, k_cache, v_cache, positions, scores, lengths,
+                                             keep, keep_lengths);
+  compact_impl(op, k_cache, v_cache, positions, scores, lengths, keep, keep_lengths, sh, nullptr);
+}
+
+void compact_rerotate_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& positions, const std::optional<at::Tensor>& scores,
+                          const at::Tensor& lengths, const at::Tensor& keep,
+                          const at::Tensor& keep_lengths, const at::Tensor& new_positions,
+                          const at::Tensor& inv_freq, int64_t rotary_dim, bool interleaved) {
+  constexpr const char* op = "longattn.compact_rerotate_";
+  const CompactShape sh = check_compact_args(op, k_cache, v_cache, positions, scores, lengths,
+                                             keep, keep_lengths);
+  check_rerotate_args(sh, k_cache, new_positions, inv_freq, rotary_dim);
+  Rerotation rot{new_positions.const_data_ptr<int64_t>(),
+                 {new_positions.stride(0), new_positions.stride(1), new_positions.stride(2)},
+                 std::vector<double>(rotary_dim / 2),
+                 rotary_dim,
+                 interleaved};
+  const at::Tensor f = inv_freq.to(at::kDouble).contiguous();
+  std::copy(f.const_data_ptr<double>(), f.const_data_ptr<double>() + rotary_dim / 2,
+            rot.freq.begin());
+  compact_impl(op, k_cache, v_cache, positions, scores, lengths, keep, keep_lengths, sh, &rot);
 }
 
 }  // namespace
@@ -421,6 +438,7 @@ void compact_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
 TORCH_LIBRARY_IMPL(longattn, CPU, m) {
   m.impl("decode_attention", &decode_attention_cpu);
   m.impl("compact_", &compact_cpu);
+  m.impl("compact_rerotate_", &compact_rerotate_cpu);
 }
 
 }  // namespace longattn::cpu

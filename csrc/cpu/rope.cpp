@@ -13,7 +13,6 @@
 #include <cstring>
 #include <vector>
 
-#include "common/rope_math.h"
 #include "cpu/parallel.h"
 #include "cpu/rope_rows.h"
 #include "rope_args.h"
@@ -23,20 +22,6 @@ namespace {
 
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// cos/sin of pos * f[i] for i < half, times the scaling (sin negated for the inverse).
-template <bool Big, typename C>
-void fill_table(int64_t pos, const double* __restrict f, int64_t half, C cos_mul, C sin_mul,
-                C* __restrict cos_t, C* __restrict sin_t) {
-  for (int64_t i = 0; i < half; ++i) {
-    double quadrant;
-    const double r = rope::reduced_angle<Big>(pos, f[i], &quadrant);
-    C s, c;
-    rope::sincos_quadrant<C>(r, quadrant, &s, &c);
-    cos_t[i] = c * cos_mul;
-    sin_t[i] = s * sin_mul;
-  }
-}
 
 int64_t position_at(const RopeParams& p, int64_t b, int64_t l) {
   const int64_t off = b * p.pos_stride_b + l * p.pos_stride_l;
@@ -84,13 +69,8 @@ void rope_kernel(const RopeParams& p) {
       const int64_t h_end = std::min(heads, h_begin + heads_per_block);
       const int64_t b = t / p.seqlen, l = t % p.seqlen;
       if (t != table_token) {
-        const int64_t pos = position_at(p, b, l);
-        if (rope::is_big_position(pos)) {
-          fill_table<true, C>(pos, freq.data(), half, cos_mul, sin_mul, tab.cos, tab.sin);
-        } else {
-          fill_table<false, C>(pos, freq.data(), half, cos_mul, sin_mul, tab.cos, tab.sin);
-        }
-        if (p.interleaved) rope_rows::expand_interleaved<C>(tab, half);
+        rope_rows::position_tables<C>(position_at(p, b, l), freq.data(), half, cos_mul, sin_mul,
+                                      p.interleaved, tab);
         table_token = t;
       }
       for (int64_t hg = h_begin; hg < h_end; ++hg) {

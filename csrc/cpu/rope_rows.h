@@ -15,6 +15,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/rope_math.h"
+
 namespace longattn::cpu::rope_rows {
 
 // cos/sin per pair (half entries); for the interleaved layout also per element (R entries),
@@ -28,6 +30,20 @@ struct Tables {
   C* sin2;
 };
 
+// cos/sin of pos * f[i] for i < half, times the scaling (sin negated for the inverse).
+template <bool Big, typename C>
+void fill_table(int64_t pos, const double* __restrict f, int64_t half, C cos_mul, C sin_mul,
+                C* __restrict cos_t, C* __restrict sin_t) {
+  for (int64_t i = 0; i < half; ++i) {
+    double quadrant;
+    const double r = rope::reduced_angle<Big>(pos, f[i], &quadrant);
+    C s, c;
+    rope::sincos_quadrant<C>(r, quadrant, &s, &c);
+    cos_t[i] = c * cos_mul;
+    sin_t[i] = s * sin_mul;
+  }
+}
+
 template <typename C>
 void expand_interleaved(Tables<C>& t, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
@@ -35,6 +51,19 @@ void expand_interleaved(Tables<C>& t, int64_t half) {
     t.sin2[2 * i] = -t.sin[i];
     t.sin2[2 * i + 1] = t.sin[i];
   }
+}
+
+// The tables of one position: fill_table (the exact angle path picked per position), then the
+// per-element tables when the pairs are interleaved.
+template <typename C>
+void position_tables(int64_t pos, const double* f, int64_t half, C cos_mul, C sin_mul,
+                     bool interleaved, Tables<C>& t) {
+  if (rope::is_big_position(pos)) {
+    fill_table<true, C>(pos, f, half, cos_mul, sin_mul, t.cos, t.sin);
+  } else {
+    fill_table<false, C>(pos, f, half, cos_mul, sin_mul, t.cos, t.sin);
+  }
+  if (interleaved) expand_interleaved<C>(t, half);
 }
 
 // ---- scratch path ----------------------------------------------------------------------

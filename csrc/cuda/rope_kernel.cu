@@ -14,52 +14,11 @@
 
 #include "common/rope_math.h"
 #include "common/rope_params.h"
+#include "cuda/device_common.cuh"
 #include "cuda/rope_launch.h"
 
 namespace longattn::cuda {
 namespace {
-
-template <typename T>
-using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_compute(float x) { return x; }
-__device__ __forceinline__ double to_compute(double x) { return x; }
-__device__ __forceinline__ float to_compute(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T, typename C>
-__device__ __forceinline__ T from_compute(C x) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return static_cast<T>(x);
-  }
-}
-
-// N contiguous elements: one 16-byte access when Vec (the host checked the alignment).
-template <typename T, int N, bool Vec>
-struct alignas(sizeof(T) * N) Chunk {
-  T v[N];
-  __device__ __forceinline__ void load(const T* p) {
-    if constexpr (Vec) {
-      static_assert(sizeof(T) * N == 16, "vector chunks are 16 bytes");
-      *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j) v[j] = p[j];
-    }
-  }
-  __device__ __forceinline__ void store(T* p) const {
-    if constexpr (Vec) {
-      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j) p[j] = v[j];
-    }
-  }
-};
 
 __device__ __forceinline__ int64_t position_at(const RopeParams& p, int64_t b, int64_t l) {
   const int64_t off = b * p.pos_stride_b + l * p.pos_stride_l;
@@ -71,7 +30,7 @@ __device__ __forceinline__ int64_t position_at(const RopeParams& p, int64_t b, i
 // (2i, 2i + 1), i.e. 2N contiguous elements.
 template <typename T, int N, bool Vec, bool Interleaved>
 __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail_vec) {
-  using C = compute_t<T>;
+  using C = acc_t<T>;
   constexpr int kElems = Interleaved ? 2 * N : N;
   constexpr int kTailN = 16 / sizeof(T);
   const int64_t half = p.rotary_dim / 2;
@@ -110,26 +69,26 @@ __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail
       T* out = out_tok + h * v.out_stride_h;
       const int64_t i0 = u * N;
       if constexpr (Interleaved) {
-        Chunk<T, kElems, Vec> a;
+        Elems<T, kElems, Vec> a;
         a.load(in + 2 * i0);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
-          const C x0 = to_compute(a.v[2 * j]), x1 = to_compute(a.v[2 * j + 1]);
+          const C x0 = to_acc(a.v[2 * j]), x1 = to_acc(a.v[2 * j + 1]);
           const C c = cos_t[i0 + j], s = sin_t[i0 + j];
-          a.v[2 * j] = from_compute<T>(x0 * c - x1 * s);
-          a.v[2 * j + 1] = from_compute<T>(x1 * c + x0 * s);
+          a.v[2 * j] = from_acc<T>(x0 * c - x1 * s);
+          a.v[2 * j + 1] = from_acc<T>(x1 * c + x0 * s);
         }
         a.store(out + 2 * i0);
       } else {
-        Chunk<T, kElems, Vec> a, bb;
+        Elems<T, kElems, Vec> a, bb;
         a.load(in + i0);
         bb.load(in + half + i0);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
-          const C x0 = to_compute(a.v[j]), x1 = to_compute(bb.v[j]);
+          const C x0 = to_acc(a.v[j]), x1 = to_acc(bb.v[j]);
           const C c = cos_t[i0 + j], s = sin_t[i0 + j];
-          a.v[j] = from_compute<T>(x0 * c - x1 * s);
-          bb.v[j] = from_compute<T>(x1 * c + x0 * s);
+          a.v[j] = from_acc<T>(x0 * c - x1 * s);
+          bb.v[j] = from_acc<T>(x1 * c + x0 * s);
         }
         a.store(out + i0);
         bb.store(out + half + i0);
@@ -141,7 +100,7 @@ __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail
       const int64_t per_row = tail / kTailN;
       for (int64_t w = threadIdx.x; w < v.heads * per_row; w += blockDim.x) {
         const int64_t h = w / per_row, off = p.rotary_dim + (w % per_row) * kTailN;
-        Chunk<T, kTailN, true> a;
+        Elems<T, kTailN, true> a;
         a.load(in_tok + h * v.in_stride_h + off);
         a.store(out_tok + h * v.out_stride_h + off);
       }
@@ -178,7 +137,7 @@ bool rows_aligned(const RopeParams& p, int64_t elem_off) {
 
 template <typename T, int N, bool Vec, bool Interleaved>
 cudaError_t launch_typed(const RopeParams& p, cudaStream_t stream) {
-  using C = compute_t<T>;
+  using C = acc_t<T>;
   const int64_t half = p.rotary_dim / 2;
   const int64_t heads = p.x[0].heads + (p.n_tensors == 2 ? p.x[1].heads : 0);
   const int64_t units = heads * (half / N);

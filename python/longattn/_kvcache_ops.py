@@ -1,6 +1,7 @@
-"""Fake (meta) kernels for ``torch.ops.longattn.decode_attention`` and ``compact_``.
+"""Fake (meta) kernels for ``torch.ops.longattn.decode_attention``, ``compact_`` and
+``compact_rerotate_``.
 
-Both are inference ops: neither has an autograd formula. ``compact_`` and the optional
+All are inference ops: none has an autograd formula. The compactions and the optional
 ``scores`` of ``decode_attention`` are declared mutated in the schemas (csrc/ops.cpp), so
 torch.compile functionalizes them.
 """
@@ -22,4 +23,10 @@ def _decode_attention_fake(q, k_cache, v_cache, lengths, positions, q_positions,
 
 @torch.library.register_fake("longattn::compact_")
 def _compact_fake(k_cache, v_cache, positions, scores, lengths, keep, keep_lengths):
+    return None
+
+
+@torch.library.register_fake("longattn::compact_rerotate_")
+def _compact_rerotate_fake(k_cache, v_cache, positions, scores, lengths, keep, keep_lengths,
+                           new_positions, inv_freq, rotary_dim, interleaved):
     return None

@@ -7,11 +7,14 @@ Layout (per layer): K and V buffers ``(batch, kv_heads, capacity, head_dim)``; `
 :func:`decode_attention` (H2O). Slots at or beyond a head's length hold stale data and are never
 read.
 
-Ops (``torch.ops.longattn``; CPU kernels in csrc/cpu/kvcache.cpp, no CUDA kernels yet):
+Ops (``torch.ops.longattn``; CPU kernels in csrc/cpu/kvcache.cpp, CUDA kernels in
+csrc/cuda/kvcache/):
 
 * :func:`decode_attention` - new queries over the cache, GQA, causal on positions, optional
   window/sinks, lse, fused score accumulation; keys split in fixed chunks (flash-decoding).
 * :func:`compact_` - keep sorted indices per head, moving rows down in place.
+* :func:`compact_rerotate_` - the same, re-rotating the kept keys to new positions (RoPE) as
+  they move: compact_ followed by ``rope.rerotate_keys`` in one pass.
 * :func:`select_keep` - sinks + top-k middle + recent per head, sorted (torch ops).
 
 Appending beyond capacity raises (no silent reallocation); :meth:`KVCache.grow` reallocates
@@ -81,6 +84,31 @@ def compact_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
     ``lengths`` becomes ``keep_lengths``.
     """
     ops.compact_(k_cache, v_cache, positions, scores, lengths, keep, keep_lengths)
+
+
+def compact_rerotate_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                      keep: torch.Tensor, keep_lengths: torch.Tensor, positions: torch.Tensor,
+                      inv_freq: torch.Tensor, *, new_positions: Optional[torch.Tensor] = None,
+                      rotary_dim: Optional[int] = None, interleaved: bool = False,
+                      scores: Optional[torch.Tensor] = None) -> None:
+    """:func:`compact_` for keys cached already rotated (RoPE): each kept key is re-rotated
+    from its cached position to its new one as it moves, in one pass over the cache.
+
+    Row ``keep[b, h, j]`` moves to row j; its first ``rotary_dim`` features (default
+    ``2 * len(inv_freq)``, NeoX halves or ``interleaved`` pairs, as the keys were rotated) are
+    rotated by ``(new_positions[b, h, j] - positions[b, h, keep[b, h, j]]) * inv_freq`` with the
+    exact angle of :func:`longattn.rope.rerotate_keys`, and ``positions[b, h, j]`` becomes
+    ``new_positions[b, h, j]``. ``new_positions`` is ``(batch, heads, K)`` int64 like ``keep``
+    (default: the slot index j, StreamingLLM's cache positions). Equals :func:`compact_`
+    followed by ``rerotate_keys(k, positions, new_positions)`` on the kept keys (to the rounding
+    of the cache's dtype).
+    """
+    if new_positions is None:
+        new_positions = torch.arange(keep.shape[-1], device=keep.device).expand(keep.shape)
+    if rotary_dim is None:
+        rotary_dim = 2 * inv_freq.shape[-1]
+    ops.compact_rerotate_(k_cache, v_cache, positions, scores, lengths, keep, keep_lengths,
+                          new_positions, inv_freq, int(rotary_dim), bool(interleaved))
 
 
 def select_keep(scores: torch.Tensor, lengths: torch.Tensor, n_sink: int, n_recent: int,
@@ -274,6 +302,15 @@ class KVCache:
         compact_(self.k, self.v, self.lengths, keep, keep_lengths, positions=self.positions,
                  scores=self.scores)
 
+    def compact_rerotate_(self, keep: torch.Tensor, keep_lengths: torch.Tensor,
+                          inv_freq: torch.Tensor, *, new_positions: Optional[torch.Tensor] = None,
+                          rotary_dim: Optional[int] = None, interleaved: bool = False) -> None:
+        """Keep the given sorted indices per head, re-rotating the kept keys to
+        ``new_positions`` (default: their new slot index); see :func:`compact_rerotate_`."""
+        compact_rerotate_(self.k, self.v, self.lengths, keep, keep_lengths, self.positions,
+                          inv_freq, new_positions=new_positions, rotary_dim=rotary_dim,
+                          interleaved=interleaved, scores=self.scores)
+
     def keep_top(self, scores: torch.Tensor, n_sink: int, n_recent: int,
                  budget: IntOrTensor) -> None:
         """select_keep(scores, ...) then compact_."""
@@ -320,11 +357,18 @@ class StreamingLLM:
         budget = self.n_sink + self.n_recent
         if cache.max_length() > budget:
             zeros = torch.zeros(cache.positions.shape, dtype=torch.float32, device=cache.device)
-            cache.keep_top(zeros, self.n_sink, self.n_recent, budget)
+            keep, counts = select_keep(zeros, cache.lengths, self.n_sink, self.n_recent, budget)
+            if self.shift:  # evict and renumber in one pass (compact_rerotate_)
+                cache.compact_rerotate_(keep, counts, self.inv_freq, rotary_dim=self.rotary_dim,
+                                        interleaved=self.interleaved)
+                cache.next_position = cache.lengths.to(torch.int64).amax(dim=1)
+                return
+            cache.compact_(keep, counts)
         if self.shift:
             self.shift_positions(cache)
 
     def shift_positions(self, cache: KVCache) -> None:
+        """Renumber the cached keys to their slot index without evicting (rerotate_keys)."""
         from .rope import rerotate_keys
 
         M = cache.max_length()  # only the live prefix [0, M) of every head is rotated

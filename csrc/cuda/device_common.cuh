@@ -1,0 +1,72 @@
+// Building blocks shared by the CUDA kernels: the accumulation type (fp32, fp64 for fp64, as
+// the CPU kernels' acc_t), conversions to and from it, runs of N contiguous elements moved with
+// one 16-byte access when aligned, warp reductions. No ATen here.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace longattn::cuda {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// N contiguous elements; one 16-byte access when Vec (the caller checked the alignment).
+template <typename T, int N, bool Vec>
+struct alignas(Vec ? 16 : alignof(T)) Elems {
+  T v[N];
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (Vec) {
+      static_assert(sizeof(T) * N == 16, "vector accesses are 16 bytes");
+      *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
+    } else {
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = p[e];
+    }
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (Vec) {
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
+    } else {
+#pragma unroll
+      for (int e = 0; e < N; ++e) p[e] = v[e];
+    }
+  }
+};
+
+// Over the 32 lanes of a full warp, a fixed butterfly: the same result on every run.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A x) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const A other = __shfl_xor_sync(0xffffffffu, x, o);
+    x = other > x ? other : x;
+  }
+  return x;
+}
+
+}  // namespace longattn::cuda

@@ -1,0 +1,146 @@
+#include "kvcache_args.h"
+
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace longattn {
+namespace {
+
+void check_int_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              "longattn: ", name, " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "longattn: ", name, " must be ", dim, "-D, got ", t.sizes());
+}
+
+void check_cache_pair(const at::Tensor& k, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op, ": k_cache and v_cache must be (batch, kv_heads, "
+              "capacity, head_dim), got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), op, ": k_cache and v_cache dtypes differ (",
+              k.scalar_type(), " vs ", v.scalar_type(), ")");
+  TORCH_CHECK(k.device() == v.device(), op, ": k_cache and v_cache devices differ");
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2), op,
+              ": k_cache ", k.sizes(), " and v_cache ", v.sizes(), " disagree on batch, heads or "
+              "capacity");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, op,
+              ": the cache's head_dim must be contiguous (stride 1)");
+}
+
+// A per-slot tensor of the cache: (B, H, C) of `dtype` on the cache's device.
+void check_slot_tensor(const char* op, const at::Tensor& t, const char* name,
+                       at::ScalarType dtype, const at::Tensor& k_cache) {
+  const int64_t B = k_cache.size(0), H = k_cache.size(1), C = k_cache.size(2);
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 3 && t.size(0) == B && t.size(1) == H &&
+                  t.size(2) == C,
+              op, ": ", name, " must be ", dtype, " (", B, ", ", H, ", ", C, "), got ",
+              t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == k_cache.device(), op, ": ", name, " is on ", t.device(),
+              ", the cache on ", k_cache.device());
+}
+
+}  // namespace
+
+DecodeShape check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& lengths,
+                              const std::optional<at::Tensor>& positions,
+                              const std::optional<at::Tensor>& q_positions,
+                              const std::optional<at::Tensor>& scores) {
+  constexpr const char* op = "longattn.decode_attention";
+  check_cache_pair(k_cache, v_cache, op);
+  TORCH_CHECK(q.dim() == 4, op, ": q must be (batch, q_heads, n_new, head_dim), got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), op, ": q dtype ", q.scalar_type(),
+              " differs from the cache's ", k_cache.scalar_type());
+  TORCH_CHECK(q.device() == k_cache.device(), op, ": q is on ", q.device(), ", the cache on ",
+              k_cache.device());
+  DecodeShape s{};
+  s.B = q.size(0); s.Hq = q.size(1); s.n = q.size(2); s.D = q.size(3);
+  s.Hkv = k_cache.size(1); s.C = k_cache.size(2); s.Dv = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == s.B, op, ": q batch ", s.B, " vs cache batch ", k_cache.size(0));
+  TORCH_CHECK(k_cache.size(3) == s.D, op, ": q head_dim ", s.D, " vs cache head_dim ",
+              k_cache.size(3));
+  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, op, ": q heads (", s.Hq,
+              ") must be a multiple of the cache's kv heads (", s.Hkv, ")");
+  s.G = s.Hq / s.Hkv;
+  check_int_tensor(lengths, "lengths", 2);
+  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.Hkv, op, ": lengths must be (", s.B,
+              ", ", s.Hkv, "), got ", lengths.sizes());
+  TORCH_CHECK(lengths.device() == q.device(), op, ": lengths is on ", lengths.device(),
+              ", q on ", q.device());
+  if (positions.has_value()) check_slot_tensor(op, *positions, "positions", at::kLong, k_cache);
+  if (q_positions.has_value()) {
+    const auto& p = *q_positions;
+    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 2 && p.size(0) == s.B &&
+                    p.size(1) == s.n,
+                op, ": q_positions must be int64 (", s.B, ", ", s.n, "), got ", p.scalar_type(),
+                " ", p.sizes());
+    TORCH_CHECK(p.device() == q.device(), op, ": q_positions on the wrong device");
+  }
+  if (scores.has_value()) check_slot_tensor(op, *scores, "scores", at::kFloat, k_cache);
+  return s;
+}
+
+CompactShape check_compact_args(const char* op, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache,
+                                const std::optional<at::Tensor>& positions,
+                                const std::optional<at::Tensor>& scores, const at::Tensor& lengths,
+                                const at::Tensor& keep, const at::Tensor& keep_lengths) {
+  check_cache_pair(k_cache, v_cache, op);
+  CompactShape s{k_cache.size(0), k_cache.size(1), k_cache.size(2), 0};
+  check_int_tensor(lengths, "lengths", 2);
+  check_int_tensor(keep, "keep", 3);
+  check_int_tensor(keep_lengths, "keep_lengths", 2);
+  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.H, op, ": lengths must be (", s.B,
+              ", ", s.H, "), got ", lengths.sizes());
+  TORCH_CHECK(keep.size(0) == s.B && keep.size(1) == s.H, op, ": keep must be (", s.B, ", ", s.H,
+              ", n), got ", keep.sizes());
+  TORCH_CHECK(keep_lengths.size(0) == s.B && keep_lengths.size(1) == s.H, op,
+              ": keep_lengths must be (", s.B, ", ", s.H, "), got ", keep_lengths.sizes());
+  for (const auto* t : {&lengths, &keep, &keep_lengths}) {
+    TORCH_CHECK(t->device() == k_cache.device(), op,
+                ": index tensors must be on the cache's device");
+  }
+  if (positions.has_value()) check_slot_tensor(op, *positions, "positions", at::kLong, k_cache);
+  if (scores.has_value()) check_slot_tensor(op, *scores, "scores", at::kFloat, k_cache);
+  s.K = keep.size(2);
+  return s;
+}
+
+void check_rerotate_args(const CompactShape& s, const at::Tensor& k_cache,
+                         const at::Tensor& new_positions, const at::Tensor& inv_freq,
+                         int64_t rotary_dim) {
+  constexpr const char* op = "longattn.compact_rerotate_";
+  TORCH_CHECK(new_positions.scalar_type() == at::kLong && new_positions.dim() == 3 &&
+                  new_positions.size(0) == s.B && new_positions.size(1) == s.H &&
+                  new_positions.size(2) == s.K,
+              op, ": new_positions must be int64 (", s.B, ", ", s.H, ", ", s.K,
+              ") like keep, got ", new_positions.scalar_type(), " ", new_positions.sizes());
+  TORCH_CHECK(new_positions.device() == k_cache.device(), op, ": new_positions is on ",
+              new_positions.device(), ", the cache on ", k_cache.device());
+  TORCH_CHECK(rotary_dim >= 2 && rotary_dim % 2 == 0 && rotary_dim <= k_cache.size(3), op,
+              ": rotary_dim must be even and in [2, head_dim=", k_cache.size(3), "], got ",
+              rotary_dim);
+  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == rotary_dim / 2, op,
+              ": inv_freq must be 1-D of length rotary_dim / 2 = ", rotary_dim / 2, ", got shape ",
+              inv_freq.sizes());
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat || inv_freq.scalar_type() == at::kDouble, op,
+              ": inv_freq must be float32 (or float64), got ", inv_freq.scalar_type());
+  TORCH_CHECK(inv_freq.device() == k_cache.device() && inv_freq.is_contiguous(), op,
+              ": inv_freq must be contiguous on the cache's device");
+}
+
+void raise_bad_length(const char* op, int64_t capacity, int64_t length) {
+  TORCH_CHECK(false, op, ": lengths must lie in [0, ", capacity, "], got ", length);
+}
+
+void raise_bad_keep_length(const char* op, int64_t b, int64_t h, int64_t n, int64_t K) {
+  TORCH_CHECK(false, op, ": keep_lengths[", b, ", ", h, "] = ", n, " outside [0, ", K, "]");
+}
+
+void raise_bad_keep(const char* op, int64_t b, int64_t h, int64_t length, int64_t j,
+                    int64_t value, int64_t prev) {
+  TORCH_CHECK(false, op, ": keep[", b, ", ", h, "] must be strictly ascending indices in "
+              "[0, length=", length, "); entry ", j, " is ", value, j > 0 ? " after " : "",
+              j > 0 ? std::to_string(prev) : std::string());
+}
+
+}  // namespace longattn
