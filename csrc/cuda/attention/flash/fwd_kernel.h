@@ -89,22 +89,16 @@ __device__ __forceinline__ void load_tile_rows(const TiledCopy& tiled_copy, cons
   }
 }
 
-// kPlainLogits: ScoreParams::plain() (no softcap, no ALiBi), the common case; the other
-// instantiation carries the logit transform, whose registers would otherwise cost the plain
-// path spills.
+// One CTA's work: query tile m_block of q head h in sequence b. kPlainLogits: see
+// flash_fwd_kernel.
 template <class Tr, bool kPlainLogits>
-__global__ void __launch_bounds__(Tr::kNThreads, 1)
-    flash_fwd_kernel(const __grid_constant__ AttentionParams p) {
+__device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int m_block, int64_t h,
+                                                   int64_t b, unsigned char* smem_raw) {
   using namespace cute;
   using Element = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM;
   constexpr int kBlockN = Tr::kBlockN;
   constexpr int kHeadDim = Tr::kHeadDim;
-
-  // Reverse order: under causal masks the last query tiles see the most keys; start them first.
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int64_t h = blockIdx.y;
-  const int64_t b = blockIdx.z;
   const int thread = static_cast<int>(threadIdx.x);
 
   const SeqInfo si = seq_info(p, b);
@@ -117,7 +111,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const MaskParams& mask = p.mask;
 
   // ---- shared memory: Q (later O), one K tile, one V tile ----
-  extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Tr::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem + Tr::kSmemQElems), typename Tr::SmemLayoutKV{});
@@ -289,6 +282,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       for (int k = 0; k < size<2>(tOg); ++k) copy(gmem_store, tOs(_, m, k), tOg(_, m, k));
     }
   }
+}
+
+// Grid: (query tiles x sequence chunks, q heads, min(sequences, 65535)). Sequences past the z
+// limit (many short varlen sequences) go to further chunks of x: b = z + gridDim.z * chunk.
+// kPlainLogits: ScoreParams::plain() (no softcap, no ALiBi), the common case; the other
+// instantiation carries the logit transform, whose registers would otherwise cost the plain
+// path spills.
+template <class Tr, bool kPlainLogits>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+    flash_fwd_kernel(const __grid_constant__ AttentionParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const unsigned m_blocks = static_cast<unsigned>(ceil_div(p.seqlen_q, Tr::kBlockM));
+  const unsigned chunk = blockIdx.x / m_blocks;
+  // Reverse order: under causal masks the last query tiles see the most keys; start them first.
+  const int m_block = static_cast<int>(m_blocks - 1 - (blockIdx.x - chunk * m_blocks));
+  const int64_t b = blockIdx.z + static_cast<int64_t>(gridDim.z) * chunk;
+  if (b >= p.batch) return;
+  forward_query_tile<Tr, kPlainLogits>(p, m_block, blockIdx.y, b, smem_raw);
 }
 
 }  // namespace longattn::cuda::flash
