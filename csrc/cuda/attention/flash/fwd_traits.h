@@ -1,0 +1,78 @@
+// Compile-time shape of the tensor-core forward kernel for one (element type, head dim):
+// tile sizes, the warp tiling of mma.sync, shared-memory layouts and the copy atoms that move
+// data between global memory, shared memory and registers.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include <type_traits>
+
+namespace longattn::cuda::flash {
+
+// Element: cute::half_t or cute::bfloat16_t.
+template <typename Element_, int kHeadDim_>
+struct FwdTraits {
+  using Element = Element_;
+  static_assert(std::is_same_v<Element, cute::half_t> || std::is_same_v<Element, cute::bfloat16_t>);
+
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim % 64 == 0, "shared-memory rows are built from 64-element (128-byte) atoms");
+  // 128 query rows per CTA, 4 warps of 2 x 16 rows each. The key tile keeps the per-thread
+  // score tile plus output accumulator near FlashAttention-2's register budget:
+  // 64 keys x 128 dims or 128 keys x 64 dims.
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : 64;
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = kNWarps * 32;
+
+  // Warps stacked along M; the N extent 16 lets one ldmatrix.x4 feed two n8 MMAs.
+  using MmaOp = std::conditional_t<std::is_same_v<Element, cute::half_t>,
+                                   cute::SM80_16x8x16_F32F16F16F32_TN,
+                                   cute::SM80_16x8x16_F32BF16BF16F32_TN>;
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaOp>,
+                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
+                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+
+  // Row-major tiles in 8 x 64 atoms; the 16-byte chunks of a 128-byte row are XOR-permuted by
+  // the row index mod 8, so the 8 row addresses of an ldmatrix (and the 16-byte cp.async
+  // stores of 8 threads in a column) fall in distinct banks.
+  using SmemAtom = decltype(cute::composition(
+      cute::Swizzle<3, 3, 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::_64>, cute::Stride<cute::_64, cute::_1>>{}));
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  // V seen as (head dim, keys): the B operand of O += P V.
+  using SmemLayoutVt = decltype(cute::composition(
+      SmemLayoutKV{},
+      cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
+  // Same shape without the swizzle: only used to size register fragments.
+  using SmemLayoutVtShape = decltype(cute::get_nonswizzle_portion(SmemLayoutVt{}));
+  // The output tile is staged in Q's buffer (same shape) before 16-byte global stores.
+  using SmemLayoutO = SmemLayoutQ;
+
+  using SmemCopyQK = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyVt = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+  using SmemCopyO = cute::Copy_Atom<cute::AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
+
+  // Global <-> shared: 16 bytes per thread per access, 8 threads per 64-element row chunk
+  // (one 128-byte segment), so 128 threads move 16 rows x 64 columns per step.
+  static constexpr int kElemsPerAccess = 16 / int(sizeof(Element));
+  static constexpr int kThreadsPerRow = 64 / kElemsPerAccess;
+  using GmemThreads = cute::Layout<cute::Shape<cute::Int<kNThreads / kThreadsPerRow>, cute::Int<kThreadsPerRow>>,
+                                   cute::Stride<cute::Int<kThreadsPerRow>, cute::_1>>;
+  using GmemValues = cute::Layout<cute::Shape<cute::_1, cute::Int<kElemsPerAccess>>>;
+  using GmemLoad = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemThreads{},
+      GmemValues{}));
+  using GmemStore = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<cute::UniversalCopy<cute::uint128_t>, Element>{}, GmemThreads{}, GmemValues{}));
+
+  static constexpr int kSmemQElems = int(cute::cosize(SmemLayoutQ{}));
+  static constexpr int kSmemKVElems = int(cute::cosize(SmemLayoutKV{}));
+  // Q (reused for O), one K tile, one V tile.
+  static constexpr int kSmemBytes = (kSmemQElems + 2 * kSmemKVElems) * int(sizeof(Element));
+};
+
+}  // namespace longattn::cuda::flash
