@@ -39,7 +39,6 @@ struct Barrier {
 struct CpCopy {
   void* dst;
   const void* src;
-  bool pred;
 };
 
 struct Fiber {
@@ -212,22 +211,20 @@ struct EmuMma {
   }
 };
 
-// cp.async 16 bytes with zero fill: queued, performed at the wait that covers its group.
+// cp.async 16 bytes: queued, or performed at once (see Block::copy_lands_early).
 struct EmuCpAsync {
   using SRegisters = cute::uint128_t[1];
   using DRegisters = cute::uint128_t[1];
-  static void copy(cute::uint128_t const& src, cute::uint128_t& dst, bool pred) {
+  static void copy(cute::uint128_t const& src, cute::uint128_t& dst) {
     Block& blk = current_block();
     if ((reinterpret_cast<uintptr_t>(&src) & 15) || (reinterpret_cast<uintptr_t>(&dst) & 15)) {
       fail("cp.async address not 16-byte aligned");
     }
-    if (pred) {
-      const uintptr_t a = reinterpret_cast<uintptr_t>(&src);
-      bool ok = false;
-      for (const Range& r : blk.global_ranges) ok = ok || (a >= r.lo && a + 16 <= r.hi);
-      if (!ok) fail("cp.async reads outside every input buffer");
-    }
-    const CpCopy c{&dst, &src, pred};
+    const uintptr_t a = reinterpret_cast<uintptr_t>(&src);
+    bool ok = false;
+    for (const Range& r : blk.global_ranges) ok = ok || (a >= r.lo && a + 16 <= r.hi);
+    if (!ok) fail("cp.async reads outside every input buffer");
+    const CpCopy c{&dst, &src};
     // The hardware lands a copy at any time between issue and wait: early landing exposes a
     // buffer reused while other warps still read it, late landing a read before the wait.
     if (blk.copy_lands_early()) {
@@ -236,13 +233,7 @@ struct EmuCpAsync {
       blk.fiber().open.push_back(c);
     }
   }
-  static void perform(const CpCopy& c) {
-    if (c.pred) {
-      std::memcpy(c.dst, c.src, 16);
-    } else {
-      std::memset(c.dst, 0, 16);
-    }
-  }
+  static void perform(const CpCopy& c) { std::memcpy(c.dst, c.src, 16); }
 };
 
 inline void perform(const CpCopy& c) { EmuCpAsync::perform(c); }
@@ -312,18 +303,16 @@ struct Copy_Traits<emu::EmuCpAsync> {
   using SrcLayout = Layout<Shape<_1, Int<128>>>;
   using DstLayout = Layout<Shape<_1, Int<128>>>;
   using RefLayout = SrcLayout;
-  bool pred = true;
-  Copy_Traits<emu::EmuCpAsync> with(bool p) const { return {p}; }
 
   template <class TS, class SLayout, class TD, class DLayout>
-  friend void copy_unpack(Copy_Traits const& traits, Tensor<TS, SLayout> const& src, Tensor<TD, DLayout>& dst) {
+  friend void copy_unpack(Copy_Traits const&, Tensor<TS, SLayout> const& src, Tensor<TD, DLayout>& dst) {
     static_assert(is_gmem<TS>::value, "Expected gmem source for cp.async.");
     static_assert(is_smem<TD>::value, "Expected smem destination for cp.async.");
     Tensor rS = recast<uint128_t>(src);
     Tensor rD = recast<uint128_t>(dst);
     CUTE_STATIC_ASSERT_V(size(rS) == Int<1>{});
     CUTE_STATIC_ASSERT_V(size(rD) == Int<1>{});
-    emu::EmuCpAsync::copy(rS[0], rD[0], traits.pred);
+    emu::EmuCpAsync::copy(rS[0], rD[0]);
   }
 };
 

@@ -116,7 +116,7 @@ BWD_DEVICE void dkdv_block(const BwdParams& bp, char* smem, int n_block, int hk,
     Ops::sync();
 
     Tensor acc_s = partition_fragment_C(typename Kt::TiledMmaSdP{}, Shape<Int<M>, Int<N>>{});
-    Tensor gcap = make_tensor<float>(acc_rowcol(acc_s.layout()));  // used with softcap only
+    Tensor gcap = make_tensor<SoftcapGrad>(acc_rowcol(acc_s.layout()));  // softcap only
     tile_probs<kSoftcap>(gemm_sdp, acc_s, gcap, smem_q(buf), sK, cS, rw, bp, si, tg, slope);
     store_frag<Kt>(gemm_sdp.mma, convert_frag<Elem>(acc_s), sP, tid);
     Tensor acc_dp = partition_fragment_C(typename Kt::TiledMmaSdP{}, Shape<Int<M>, Int<N>>{});

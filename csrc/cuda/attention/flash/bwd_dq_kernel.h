@@ -119,7 +119,7 @@ BWD_DEVICE void dq_block(const BwdParams& bp, char* smem, int m_block, int h, in
     Ops::sync();
 
     Tensor acc_s = partition_fragment_C(typename Kt::TiledMmaSdP{}, Shape<Int<M>, Int<N>>{});
-    Tensor gcap = make_tensor<float>(acc_rowcol(acc_s.layout()));  // used with softcap only
+    Tensor gcap = make_tensor<SoftcapGrad>(acc_rowcol(acc_s.layout()));  // softcap only
     tile_probs<kSoftcap>(gemm_sdp, acc_s, gcap, sQ, smem_k(buf), cS, rw, bp, si, tg, slope);
     Tensor acc_dp = partition_fragment_C(typename Kt::TiledMmaSdP{}, Shape<Int<M>, Int<N>>{});
     tile_dscores<kSoftcap>(gemm_sdp, acc_dp, acc_s, gcap, sdO, sV, rw);

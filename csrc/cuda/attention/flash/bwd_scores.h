@@ -12,6 +12,10 @@
 
 namespace longattn::cuda::flash {
 
+// d softcap / d x = 1 - tanh^2 in [0, 1], kept per element between P and dS: fp16 halves its
+// registers; its 2^-11 rounding is below that of dS, which goes to the GEMMs in fp16/bf16.
+using SoftcapGrad = cutlass::half_t;
+
 // One (query tile, key tile) pair inside a sequence.
 struct TileGeom {
   int64_t i0 = 0, j0 = 0;  // first query row / first key of the tile, in the sequence
@@ -76,7 +80,7 @@ BWD_DEVICE void load_tile_rows(TileRows<kRows>& r, RowCoords const& rows_rc, con
   }
 }
 
-// s: raw q.k scores (rowcol view) -> P in place. With kSoftcap, gcap receives
+// s: raw q.k scores (rowcol view) -> P in place. With kSoftcap, gcap (SoftcapGrad) receives
 // d softcap / d x = 1 - tanh^2 per element. Masked and out-of-range elements get P = 0.
 template <bool kSoftcap, int kRows, class S, class G, class Coords>
 BWD_DEVICE void probs_from_scores(S& s, G& gcap, Coords const& c, const TileRows<kRows>& r,
@@ -105,7 +109,7 @@ BWD_DEVICE void probs_from_scores(S& s, G& gcap, Coords const& c, const TileRows
         if constexpr (kSoftcap) {
           const float th = tanhf(x * bp.inv_softcap);
           x = bp.softcap * th;
-          gcap(mi, ni) = 1.f - th * th;
+          gcap(mi, ni) = static_cast<SoftcapGrad>(1.f - th * th);
         }
         if (has_alibi) x += alibi_bias(slope, d0 + row, get<1>(c(0, ni)));
         s(mi, ni) = exp2f(fmaf(x, kLog2e, -r.lse2[mi]));
@@ -136,7 +140,7 @@ BWD_DEVICE void grad_scores(DP& dp, S const& s, G const& gcap, const TileRows<kR
 #pragma unroll
     for (int ni = 0; ni < kCols; ++ni) {
       float v = s(mi, ni) * (dp(mi, ni) - r.delta[mi]);
-      if constexpr (kSoftcap) v *= gcap(mi, ni);
+      if constexpr (kSoftcap) v *= static_cast<float>(gcap(mi, ni));
       dp(mi, ni) = v * r.fac[mi];
     }
   }

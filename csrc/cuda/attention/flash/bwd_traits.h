@@ -2,7 +2,7 @@
 // tensor-core GEMM families, shared-memory layouts and copy atoms.
 //
 // Ops is the instruction policy. BwdDeviceOps (below) is what the GPU runs: mma.sync m16n8k16,
-// ldmatrix (plain and transposed), cp.async with zero fill, __syncthreads, atomicAdd. A host
+// ldmatrix (plain and transposed), cp.async, __syncthreads, atomicAdd, shuffles. A host
 // emulator (tests/flash_emu) substitutes warp-collective emulations of the same instructions,
 // so the kernel bodies are the same code on both.
 #pragma once
@@ -25,7 +25,7 @@ struct BwdDeviceOps {
   using Mma = Sm80MmaF32<Elem>;
   using LdsmN = SM75_U32x4_LDSM_N;   // 8x8 b16 matrices, row-major source
   using LdsmT = SM75_U16x8_LDSM_T;   // the same, transposed on the way into registers
-  using CpAsync = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>;
+  using CpAsync = SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>;  // 16 bytes, L2 only
 
   static __device__ __forceinline__ void sync() { __syncthreads(); }
   static __device__ __forceinline__ void cp_async_fence() { cute::cp_async_fence(); }

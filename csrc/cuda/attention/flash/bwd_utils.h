@@ -90,8 +90,9 @@ BWD_DEVICE auto convert_frag(Tensor<Engine, Layout> const& src) {
 }
 
 // Rows [0, valid_rows) of a (rows x cols) tile with a tiled copy of 16-byte vectors. With
-// kZeroFill (cp.async) the other rows are zero-filled and their source is not read;
-// otherwise they are skipped.
+// kZeroFill the other rows of dst are zeroed with plain stores (visible after the same
+// __syncthreads as the copies) and their source is never addressed; otherwise they are
+// skipped.
 template <class TiledCopy, bool kZeroFill, class Src, class Dst>
 BWD_DEVICE void copy_rows(Src const& src, Dst& dst, int valid_rows, int tid) {
   TiledCopy copy;
@@ -101,19 +102,16 @@ BWD_DEVICE void copy_rows(Src const& src, Dst& dst, int valid_rows, int tid) {
   Tensor tc = thr.partition_D(make_identity_tensor(make_shape(size<0>(dst), size<1>(dst))));
 #pragma unroll
   for (int m = 0; m < size<1>(td); ++m) {
-    const bool ok = get<0>(tc(0, m, 0)) < valid_rows;
+    if (get<0>(tc(0, m, 0)) < valid_rows) {
 #pragma unroll
-    for (int k = 0; k < size<2>(td); ++k) {
-      if constexpr (kZeroFill) {
-        cute::copy(copy.with(ok), ts(_, m, k), td(_, m, k));
-      } else if (ok) {
-        cute::copy(copy, ts(_, m, k), td(_, m, k));
-      }
+      for (int k = 0; k < size<2>(td); ++k) cute::copy(copy, ts(_, m, k), td(_, m, k));
+    } else if constexpr (kZeroFill) {
+      clear(td(_, m, _));
     }
   }
 }
 
-// Global -> smem (cp.async; rows past valid_rows zero-filled), smem -> global.
+// Global -> smem (cp.async; rows past valid_rows zeroed), smem -> global.
 template <class Kt, class GTensor, class STensor>
 BWD_DEVICE void load_tile(GTensor const& g, STensor& s, int valid_rows, int tid) {
   copy_rows<typename Kt::GmemLoad, true>(g, s, valid_rows, tid);
