@@ -272,7 +272,8 @@ CASES = {
     "positions": dict(causal=True, window=(250, 10), q_start=300, k_start=260, Lq=140, Lk=400),
     "empty_rows": dict(window=(None, -150), Lq=80, Lk=100),
     "strided_bf16": dict(dtype=torch.bfloat16, layout="bhsd", B=2, Lq=150, Lk=270, causal=True),
-    "varlen": dict(cu_q=[0, 30, 30, 230, 330], cu_k=[0, 50, 70, 400, 530], causal=True, Hq=2, Hkv=2),
+    # Sequences with no queries and with no keys.
+    "varlen": dict(cu_q=[0, 30, 30, 230, 330, 360], cu_k=[0, 50, 70, 400, 530, 530], causal=True, Hq=2, Hkv=2),
 }
 
 

@@ -61,10 +61,12 @@ struct DsinkKernel {
 
   static BWD_DEVICE void run(const BwdParams& bp, float* red, int h, int tid) {
     const AttentionParams& p = bp.p;
-    const float z = static_cast<float>(p.sink_logit(h));
     const float* lse = static_cast<const float*>(p.lse);
+    // Without sink logits there is nothing to differentiate: dsink = 0.
+    const int64_t rows = p.sink_logits != nullptr ? bp.rows_q : 0;
+    const float z = rows > 0 ? static_cast<float>(p.sink_logit(h)) : 0.f;
     float acc = 0.f;
-    for (int64_t r = tid; r < bp.rows_q; r += kThreads) {
+    for (int64_t r = tid; r < rows; r += kThreads) {
       const int64_t li = lse_index(p, r, h);
       const float l = lse[li];
       if (l != -INFINITY) acc -= expf(z - l) * bp.delta[li];
