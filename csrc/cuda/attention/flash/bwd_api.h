@@ -1,0 +1,19 @@
+// The per-configuration entry point of the flash backward, explicitly instantiated in the
+// bwd_hdim*.cu files and called by bwd_dispatch.cu.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "cuda/attention/attention_launch.h"
+#include "cuda/attention/flash/bwd_configs.h"
+
+namespace longattn::cuda::flash {
+
+#if defined(__CUDACC__)
+template <typename Elem, int kHeadDim, bool kNarrow = false>
+using DeviceBwdTraits = typename BwdConfig<Elem, kHeadDim, kNarrow, BwdDeviceOps>::Traits;
+#endif
+
+template <class Kt>
+cudaError_t run_flash_bwd(const AttentionParams& p, const AttentionGrads& g, cudaStream_t stream);
+
+}  // namespace longattn::cuda::flash

@@ -1,0 +1,108 @@
+// Compile-time shape of the flash attention backward: tile sizes, warp layouts of the three
+// tensor-core GEMM families, shared-memory layouts and copy atoms.
+//
+// Ops is the instruction policy. BwdDeviceOps (below) is what the GPU runs: mma.sync m16n8k16,
+// ldmatrix (plain and transposed), cp.async, __syncthreads, atomicAdd, shuffles. A host
+// emulator (tests/flash_emu) substitutes warp-collective emulations of the same instructions,
+// so the kernel bodies are the same code on both.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include <type_traits>
+
+namespace longattn::cuda::flash {
+
+using namespace cute;
+
+template <typename Elem>
+using Sm80MmaF32 = std::conditional_t<std::is_same_v<Elem, cutlass::half_t>, SM80_16x8x16_F32F16F16F32_TN,
+                                      SM80_16x8x16_F32BF16BF16F32_TN>;
+
+#if defined(__CUDACC__)
+struct BwdDeviceOps {
+  template <typename Elem>
+  using Mma = Sm80MmaF32<Elem>;
+  using LdsmN = SM75_U32x4_LDSM_N;   // 8x8 b16 matrices, row-major source
+  using LdsmT = SM75_U16x8_LDSM_T;   // the same, transposed on the way into registers
+  using CpAsync = SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>;  // 16 bytes, L2 only
+
+  static __device__ __forceinline__ void sync() { __syncthreads(); }
+  static __device__ __forceinline__ void cp_async_fence() { cute::cp_async_fence(); }
+  template <int N>
+  static __device__ __forceinline__ void cp_async_wait() { cute::cp_async_wait<N>(); }
+  static __device__ __forceinline__ void atomic_add(float* dst, float v) { atomicAdd(dst, v); }
+  static __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
+    return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+  }
+};
+#endif
+
+// kBlockM query rows x kBlockN keys per tile; kHeadDim the (exact) head dim.
+// kAtomM* give how the warps split the M mode of each GEMM family:
+//   SdP: S = Q K^T and dP = dO V^T        (M = queries, N = keys,      K = head dim)
+//   dKV: dV += P^T dO, dK += dS^T Q       (M = keys,    N = head dim,  K = queries)
+//   dQ:  dQ = dS K                        (M = queries, N = head dim,  K = keys)
+template <typename Elem_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kAtomMSdP,
+          int kAtomMdKV, int kAtomMdQ, typename Ops_>
+struct BwdTraits {
+  using Elem = Elem_;
+  using Ops = Ops_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0 && kBlockN % 64 == 0);
+  static_assert(kNWarps % kAtomMSdP == 0 && kNWarps % kAtomMdKV == 0 && kNWarps % kAtomMdQ == 0);
+
+  using MmaAtom = MMA_Atom<typename Ops::template Mma<Elem>>;
+  template <int kAtomM>
+  using TiledMmaFor = TiledMMA<MmaAtom, Layout<Shape<Int<kAtomM>, Int<kNWarps / kAtomM>, _1>>,
+                               Tile<Int<16 * kAtomM>, Int<16 * kNWarps / kAtomM>, _16>>;
+  using TiledMmaSdP = TiledMmaFor<kAtomMSdP>;
+  using TiledMmadKV = TiledMmaFor<kAtomMdKV>;
+  using TiledMmadQ = TiledMmaFor<kAtomMdQ>;
+
+  // Every smem tile is built from 8 x 64 element atoms (8 rows of 128 bytes) with the
+  // 3-bit XOR swizzle, so ldmatrix reads of 8 rows (plain or transposed) and the 16-byte
+  // cp.async writes both hit 8 different bank groups.
+  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemLayoutS = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  // Transposed views of the same bytes: (head dim, queries), (head dim, keys), (keys, queries).
+  using SmemLayoutQt = decltype(composition(SmemLayoutQ{},
+                                            make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutKt = decltype(composition(SmemLayoutK{},
+                                            make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutSt = decltype(composition(SmemLayoutS{},
+                                            make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
+
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKElems = kBlockN * kHeadDim;
+  static constexpr int kSElems = kBlockM * kBlockN;
+
+  // Main (dK/dV) kernel: Q double-buffered, dO, K, V, dS, P.
+  static constexpr int kSmemDkdv = (3 * kQElems + 2 * kKElems + 2 * kSElems) * int(sizeof(Elem));
+  // Deterministic dQ kernel: Q, dO, K double-buffered, V, dS.
+  static constexpr int kSmemDq = (2 * kQElems + 3 * kKElems + kSElems) * int(sizeof(Elem));
+
+  using SmemCopyAtom = Copy_Atom<typename Ops::LdsmN, Elem>;
+  using SmemCopyAtomT = Copy_Atom<typename Ops::LdsmT, Elem>;
+  // Registers -> smem for accumulator-shaped tiles: the C fragment holds pairs of adjacent
+  // columns, one 32-bit store each.
+  using SmemStoreAtom = Copy_Atom<UniversalCopy<uint32_t>, Elem>;
+
+  // Global <-> smem: 16-byte vectors, 8 threads per 64-column row slab.
+  static constexpr int kGmemVec = 16 / int(sizeof(Elem));
+  static_assert(kGmemVec == 8);
+  using GmemThreads = Layout<Shape<Int<kNThreads / 8>, _8>, Stride<_8, _1>>;
+  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<typename Ops::CpAsync, Elem>{}, GmemThreads{},
+                                            Layout<Shape<_1, _8>>{}));
+  using GmemStore = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Elem>{},
+                                             GmemThreads{}, Layout<Shape<_1, _8>>{}));
+  static_assert(kBlockM % (kNThreads / 8) == 0 && kBlockN % (kNThreads / 8) == 0);
+};
+
+}  // namespace longattn::cuda::flash
