@@ -9,6 +9,7 @@
 #include "common/attention_params.h"
 #include "cuda/attention/flash/bwd_params.h"
 #include "cuda/attention/flash/bwd_utils.h"
+#include "cuda/attention/flash/softcap_math.h"
 
 namespace longattn::cuda::flash {
 
@@ -107,7 +108,7 @@ BWD_DEVICE void probs_from_scores(S& s, G& gcap, Coords const& c, const TileRows
       for (int ni = 0; ni < kCols; ++ni) {
         float x = s(mi, ni) * rs;
         if constexpr (kSoftcap) {
-          const float th = tanhf(x * bp.inv_softcap);
+          const float th = softcap_tanh(x * bp.inv_softcap);
           x = bp.softcap * th;
           gcap(mi, ni) = static_cast<SoftcapGrad>(1.f - th * th);
         }

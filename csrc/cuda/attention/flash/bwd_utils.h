@@ -6,6 +6,8 @@
 #include <cutlass/array.h>
 #include <cutlass/numeric_conversion.h>
 
+#include "cuda/attention/flash/softcap_math.h"
+
 #if defined(__CUDACC__)
 #define BWD_DEVICE __device__ __forceinline__
 #else
@@ -16,7 +18,6 @@ namespace longattn::cuda::flash {
 
 using namespace cute;
 
-constexpr float kLog2e = 1.4426950408889634f;
 
 // An mma accumulator (4 values = 2 adjacent columns x 2 rows 8 apart, MMA_M, MMA_N) seen as
 // (rows = (2, MMA_M), cols = (2, MMA_N)), so per-row quantities index the first mode.

@@ -9,10 +9,9 @@
 #include <cute/tensor.hpp>
 
 #include "common/attention_params.h"
+#include "cuda/attention/flash/softcap_math.h"
 
 namespace longattn::cuda::flash {
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Non-plain logits (ScoreParams::plain() false): x = softcap * tanh(x * (row_scale / softcap))
 // or x * row_scale, then x -= slope * |p - s|. row_scale[mi] is the row's
@@ -27,14 +26,10 @@ __device__ __forceinline__ void transform_scores(Scores& s, const Coords& c,
   for (int mi = 0; mi < kRows; ++mi) {
     const float rs = row_scale[mi];
     if (softcap > 0.f) {
-      // tanh(y) = 1 - 2 / (exp(2y) + 1), as the CPU kernel's vector path: accurate to ~1e-7
-      // absolute with the fast exp2 (tanhf would compile to the 2^-11 tanh.approx under
-      // --use_fast_math). |y| <= 10 keeps exp finite; tanh(10) is 1 in fp32.
-      const float two_inv_log2 = 2.f * kLog2e * (rs / softcap);
+      const float inv_cap = rs / softcap;
 #pragma unroll
       for (int ni = 0; ni < size<1>(s); ++ni) {
-        const float y2 = fminf(fmaxf(s(mi, ni) * two_inv_log2, -20.f * kLog2e), 20.f * kLog2e);
-        s(mi, ni) = softcap * (1.f - 2.f / (exp2f(y2) + 1.f));
+        s(mi, ni) = softcap * softcap_tanh(s(mi, ni) * inv_cap);
       }
     } else {
 #pragma unroll
