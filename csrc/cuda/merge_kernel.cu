@@ -5,24 +5,11 @@
 #include <cuda_fp16.h>
 
 #include "common/merge.h"
+#include "cuda/dtype.cuh"
 #include "cuda/merge_launch.h"
 
 namespace longattn::cuda {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ float to_acc(T x) { return static_cast<float>(x); }
-template <> __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A x) { return static_cast<T>(x); }
-template <> __device__ __forceinline__ __half from_acc<__half, float>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) {
-  return __float2bfloat16(x);
-}
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A x) {
@@ -49,7 +36,7 @@ __device__ __forceinline__ WarpRow warp_row(const MergeParams& p) {
 
 template <typename T>
 __global__ void merge_forward_kernel(const MergeParams p) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   const WarpRow wr = warp_row(p);
   if (!wr.valid) return;
   const int lane = wr.lane;
@@ -71,7 +58,7 @@ __global__ void merge_forward_kernel(const MergeParams p) {
 // from the partials in the accumulation type (as the CPU kernel does).
 template <typename T>
 __global__ void merge_backward_kernel(const MergeParams p) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   const WarpRow wr = warp_row(p);
   if (!wr.valid) return;
   const int lane = wr.lane;

@@ -14,29 +14,11 @@
 
 #include "common/rope_math.h"
 #include "common/rope_params.h"
+#include "cuda/dtype.cuh"
 #include "cuda/rope_launch.h"
 
 namespace longattn::cuda {
 namespace {
-
-template <typename T>
-using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_compute(float x) { return x; }
-__device__ __forceinline__ double to_compute(double x) { return x; }
-__device__ __forceinline__ float to_compute(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T, typename C>
-__device__ __forceinline__ T from_compute(C x) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return static_cast<T>(x);
-  }
-}
 
 // N contiguous elements: one 16-byte access when Vec (the host checked the alignment).
 template <typename T, int N, bool Vec>
@@ -71,7 +53,7 @@ __device__ __forceinline__ int64_t position_at(const RopeParams& p, int64_t b, i
 // (2i, 2i + 1), i.e. 2N contiguous elements.
 template <typename T, int N, bool Vec, bool Interleaved>
 __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail_vec) {
-  using C = compute_t<T>;
+  using C = acc_t<T>;
   constexpr int kElems = Interleaved ? 2 * N : N;
   constexpr int kTailN = 16 / sizeof(T);
   const int64_t half = p.rotary_dim / 2;
@@ -114,10 +96,10 @@ __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail
         a.load(in + 2 * i0);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
-          const C x0 = to_compute(a.v[2 * j]), x1 = to_compute(a.v[2 * j + 1]);
+          const C x0 = to_acc(a.v[2 * j]), x1 = to_acc(a.v[2 * j + 1]);
           const C c = cos_t[i0 + j], s = sin_t[i0 + j];
-          a.v[2 * j] = from_compute<T>(x0 * c - x1 * s);
-          a.v[2 * j + 1] = from_compute<T>(x1 * c + x0 * s);
+          a.v[2 * j] = from_acc<T>(x0 * c - x1 * s);
+          a.v[2 * j + 1] = from_acc<T>(x1 * c + x0 * s);
         }
         a.store(out + 2 * i0);
       } else {
@@ -126,10 +108,10 @@ __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail
         bb.load(in + half + i0);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
-          const C x0 = to_compute(a.v[j]), x1 = to_compute(bb.v[j]);
+          const C x0 = to_acc(a.v[j]), x1 = to_acc(bb.v[j]);
           const C c = cos_t[i0 + j], s = sin_t[i0 + j];
-          a.v[j] = from_compute<T>(x0 * c - x1 * s);
-          bb.v[j] = from_compute<T>(x1 * c + x0 * s);
+          a.v[j] = from_acc<T>(x0 * c - x1 * s);
+          bb.v[j] = from_acc<T>(x1 * c + x0 * s);
         }
         a.store(out + i0);
         bb.store(out + half + i0);
@@ -178,7 +160,7 @@ bool rows_aligned(const RopeParams& p, int64_t elem_off) {
 
 template <typename T, int N, bool Vec, bool Interleaved>
 cudaError_t launch_typed(const RopeParams& p, cudaStream_t stream) {
-  using C = compute_t<T>;
+  using C = acc_t<T>;
   const int64_t half = p.rotary_dim / 2;
   const int64_t heads = p.x[0].heads + (p.n_tensors == 2 ? p.x[1].heads : 0);
   const int64_t units = heads * (half / N);
