@@ -95,13 +95,15 @@ struct DkDvSmem {
 // Shared memory one CTA asks for at most: two CTAs fit an A100/H100 SM (164/228 KiB).
 constexpr size_t kSmemBudget = 80 * 1024;
 
-// The first (bq, bk) of `candidates` whose layout fits min(kSmemBudget, opt-in limit);
-// smem_bytes == 0 when none does (never for head dims <= 256 on sm_70+).
+// The first (bq, bk) of `candidates` with bq <= max_bq and bk <= max_bk whose layout fits
+// min(kSmemBudget, opt-in limit); smem_bytes == 0 when none does (never for head dims <= 256
+// on sm_70+: the lists end with 4x4).
 template <typename Layout, int N>
 inline SimtTiles choose_tiles(const int (&candidates)[N][2], int64_t head_dim, size_t elem_bytes,
-                              size_t optin_limit) {
+                              size_t optin_limit, int64_t max_bq, int64_t max_bk) {
   const size_t budget = optin_limit < kSmemBudget ? optin_limit : kSmemBudget;
   for (const auto& c : candidates) {
+    if (c[0] > max_bq || c[1] > max_bk) continue;
     SimtTiles t = make_tiles(c[0], c[1], head_dim);
     const size_t bytes = static_cast<size_t>(Layout(t).total) * elem_bytes;
     if (bytes <= budget) {
@@ -112,12 +114,22 @@ inline SimtTiles choose_tiles(const int (&candidates)[N][2], int64_t head_dim, s
   return SimtTiles{};
 }
 
+// Tiles no taller (wider) than the rows (keys) there are, rounded up to a power of two >= 4:
+// a decode step (one query row) gets 4-row tiles, not 64 rows of padding.
+inline int64_t tile_cap(int64_t n) {
+  int64_t c = 4;
+  while (c < n && c < 64) c *= 2;
+  return c;
+}
+
 // Preference orders. Query-major passes want tall query tiles (each K/V tile is loaded once
 // per query tile); the key-major pass wants wide key tiles (each Q/dO tile once per key tile).
-constexpr int kQueryMajorTiles[][2] = {{64, 64}, {64, 32}, {32, 32}, {32, 16}, {16, 16},
-                                       {16, 8},  {8, 8},   {8, 4},   {4, 4}};
-constexpr int kKeyMajorTiles[][2] = {{64, 64}, {32, 64}, {32, 32}, {16, 32}, {8, 32},
-                                     {16, 16}, {8, 16},  {8, 8},   {4, 8},   {4, 4}};
+constexpr int kQueryMajorTiles[][2] = {
+    {64, 64}, {64, 32}, {32, 64}, {32, 32}, {32, 16}, {16, 64}, {16, 32}, {16, 16}, {16, 8},
+    {8, 64},  {8, 32},  {8, 16},  {8, 8},   {8, 4},   {4, 64},  {4, 32},  {4, 16},  {4, 8}, {4, 4}};
+constexpr int kKeyMajorTiles[][2] = {
+    {64, 64}, {32, 64}, {16, 64}, {32, 32}, {16, 32}, {8, 64}, {8, 32}, {16, 16}, {4, 64},
+    {8, 16},  {4, 32},  {8, 8},   {4, 16},  {4, 8},   {4, 4}};
 
 // A kernel's launch: its tiles and grid (1-D; blocks < 0: past the grid limit).
 struct SimtLaunch {
@@ -132,7 +144,8 @@ inline int64_t checked_grid(int64_t blocks) { return blocks > 0x7fffffff ? -1 : 
 template <typename Layout>
 inline SimtLaunch query_major_launch(const AttentionParams& p, size_t elem_bytes, size_t optin) {
   SimtLaunch l;
-  l.tiles = choose_tiles<Layout>(kQueryMajorTiles, p.head_dim, elem_bytes, optin);
+  l.tiles = choose_tiles<Layout>(kQueryMajorTiles, p.head_dim, elem_bytes, optin,
+                                 tile_cap(p.seqlen_q), tile_cap(p.seqlen_k));
   if (l.tiles.smem_bytes > 0) {
     l.blocks = checked_grid(ceil_div(p.seqlen_q, l.tiles.bq) * p.batch * p.heads_q);
   }
@@ -142,7 +155,8 @@ inline SimtLaunch query_major_launch(const AttentionParams& p, size_t elem_bytes
 // The key-major pass (dK, dV): a CTA per (key block, kv head, sequence).
 inline SimtLaunch key_major_launch(const AttentionParams& p, size_t elem_bytes, size_t optin) {
   SimtLaunch l;
-  l.tiles = choose_tiles<DkDvSmem>(kKeyMajorTiles, p.head_dim, elem_bytes, optin);
+  l.tiles = choose_tiles<DkDvSmem>(kKeyMajorTiles, p.head_dim, elem_bytes, optin,
+                                   tile_cap(p.seqlen_q), tile_cap(p.seqlen_k));
   if (l.tiles.smem_bytes > 0) {
     l.blocks = checked_grid(KeyBlocks::max_count(p.seqlen_k, l.tiles.bk) * p.batch * p.heads_kv);
   }
