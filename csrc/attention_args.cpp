@@ -62,11 +62,34 @@ void check_per_head(const std::optional<at::Tensor>& t, const char* name, int64_
   TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
 }
 
+void check_backward_args(const AttentionArgs& a, const at::Tensor& dout, const at::Tensor& out,
+                         const at::Tensor& lse, const std::optional<at::Tensor>& dlse) {
+  const at::Tensor& q = a.q;
+  check_like_q(dout, q, "dout");
+  check_like_q(out, q, "out");
+  const auto lshape = lse_shape(a);
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lshape) && lse.scalar_type() == lse_dtype(q),
+                    "lse must be ", lse_dtype(q), " of shape ", at::IntArrayRef(lshape), ", got ",
+                    lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ",
+                    q.device());
+  if (dlse.has_value()) {
+    TORCH_CHECK_VALUE(dlse->sizes() == lse.sizes(), "dlse must have lse's shape ", lse.sizes(),
+                      ", got ", dlse->sizes());
+    TORCH_CHECK_VALUE(dlse->device() == q.device(), "dlse is on ", dlse->device(),
+                      " but q is on ", q.device());
+  }
+}
+
 }  // namespace
 
 std::vector<int64_t> lse_shape(const AttentionArgs& a) {
   if (a.cu_seqlens_q.has_value()) return {a.q.size(1), a.q.size(0)};
   return {a.q.size(0), a.q.size(2), a.q.size(1)};
+}
+
+at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
@@ -186,6 +209,34 @@ AttentionParams make_attention_params(const AttentionArgs& a) {
   p.q_start_default = !a.q_start.has_value();
   p.mask.q_start = a.q_start.value_or(0);
   return p;
+}
+
+ForwardTensors make_forward_tensors(const AttentionArgs& a, AttentionParams* p) {
+  ForwardTensors t;
+  t.out = at::empty(a.q.sizes(), a.q.options());
+  t.lse = at::empty(lse_shape(a), a.q.options().dtype(lse_dtype(a.q)));
+  p->out = t.out.data_ptr();
+  p->lse = t.lse.data_ptr();
+  return t;
+}
+
+BackwardTensors prepare_backward(const AttentionArgs& a, AttentionParams* p, const at::Tensor& dout,
+                                 const at::Tensor& out, const at::Tensor& lse,
+                                 const std::optional<at::Tensor>& dlse) {
+  check_backward_args(a, dout, out, lse, dlse);
+  BackwardTensors t;
+  t.dout = dout.contiguous();
+  t.out = out.contiguous();
+  t.lse = lse.contiguous();
+  if (dlse.has_value()) t.dlse = dlse->to(lse_dtype(a.q)).contiguous();
+  p->out = t.out.data_ptr();
+  p->lse = t.lse.data_ptr();
+  t.dq = at::empty(a.q.sizes(), a.q.options());
+  t.dk = at::empty(a.k.sizes(), a.k.options());
+  t.dv = at::empty(a.v.sizes(), a.v.options());
+  t.dsink = a.sink_logits.has_value() ? at::empty({p->heads_q}, a.sink_logits->options())
+                                      : at::empty({0}, a.q.options().dtype(at::kFloat));
+  return t;
 }
 
 }  // namespace longattn

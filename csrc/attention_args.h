@@ -35,7 +35,34 @@ AttentionParams make_attention_params(const AttentionArgs& a);
 // Output shapes: out like q (contiguous), lse (B, Hq, Lq) or (Hq, Tq).
 std::vector<int64_t> lse_shape(const AttentionArgs& a);
 
+// lse (and the backward's row statistics) are fp32, fp64 for fp64 inputs so that float64
+// gradcheck sees an exact lse.
+at::ScalarType lse_dtype(const at::Tensor& q);
+
 // Check a gradient-side tensor (dout, out) has q's shape, dtype and device.
 void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name);
+
+// The forward's outputs on q's device, with p->out / p->lse pointed at them: out like q
+// (contiguous), lse of lse_shape in lse_dtype.
+struct ForwardTensors {
+  at::Tensor out, lse;
+};
+ForwardTensors make_forward_tensors(const AttentionArgs& a, AttentionParams* p);
+
+// The backward's inputs checked (dout and out like q, lse of lse_shape / lse_dtype, dlse of
+// lse's shape, all on q's device) and made contiguous, dlse in lse_dtype (undefined when not
+// given), with p->out / p->lse pointed at them; and its outputs: dq like q, dk / dv like k / v
+// (contiguous, uninitialized), dsink [heads_q] in sink_logits' dtype (empty fp32 without).
+struct BackwardTensors {
+  at::Tensor dout, out, lse, dlse;
+  at::Tensor dq, dk, dv, dsink;
+  const void* dlse_ptr() const { return dlse.defined() ? dlse.data_ptr() : nullptr; }
+  void* dsink_ptr(const AttentionArgs& a) const {
+    return a.sink_logits.has_value() ? dsink.data_ptr() : nullptr;
+  }
+};
+BackwardTensors prepare_backward(const AttentionArgs& a, AttentionParams* p, const at::Tensor& dout,
+                                 const at::Tensor& out, const at::Tensor& lse,
+                                 const std::optional<at::Tensor>& dlse);
 
 }  // namespace longattn

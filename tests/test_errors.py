@@ -263,3 +263,18 @@ def test_dilation_errors(device):
         longattn.attention(q, k, v, dilation=0)
     with pytest.raises(ERRS, match=r"dilation"):
         longattn.attention(q, k, v, dilation=1.5)
+
+
+def test_cuda_tensor_without_cuda_build(monkeypatch):
+    """A CPU-only build names the fix instead of the dispatcher's missing-kernel error."""
+    from longattn import _device
+
+    class CudaLike:  # stands in for a CUDA tensor where no GPU is present
+        is_cuda = True
+        device = "cuda:0"
+
+    monkeypatch.setattr(_device, "CUDA_BUILT", False)
+    with pytest.raises(RuntimeError, match=r"\bq\b.*LONGATTN_CUDA=1"):
+        _device.check_device_built(CudaLike(), "q")
+    monkeypatch.setattr(_device, "CUDA_BUILT", True)
+    _device.check_device_built(CudaLike(), "q")

@@ -6,6 +6,7 @@
 // buffers are summed in chunk order, so results are deterministic without atomics.
 #include <vector>
 
+#include "common/key_blocks.h"
 #include "cpu/attention_kernels.h"
 #include "cpu/gemm.h"
 #include "cpu/parallel.h"
@@ -21,23 +22,6 @@ CpuTiles backward_tiles(const AttentionParams& p) {
   t.k = std::min<int64_t>(p.head_dim > 128 ? 128 : 256, std::max<int64_t>(1, p.seqlen_k));
   return t;
 }
-
-// Key blocks of one sequence. The sink keys get blocks of their own: every query row sees
-// them, so a block mixing 64 sinks with 192 window keys would be recomputed for every query
-// tile at 4x the needed width.
-struct KeyBlocks {
-  int64_t n_sink_keys, k_len, width;
-  KeyBlocks(const MaskParams& m, int64_t k_len, const CpuTiles& t)
-      : n_sink_keys(std::clamp<int64_t>(m.sinks - m.k_start, 0, k_len)), k_len(k_len), width(t.k) {}
-  int64_t sink_blocks() const { return ceil_div(n_sink_keys, width); }
-  int64_t count() const { return sink_blocks() + ceil_div(k_len - n_sink_keys, width); }
-  Range block(int64_t kb) const {
-    const int64_t ns = sink_blocks();
-    if (kb < ns) return {kb * width, std::min(n_sink_keys, (kb + 1) * width)};
-    const int64_t j0 = n_sink_keys + (kb - ns) * width;
-    return {j0, std::min(k_len, j0 + width)};
-  }
-};
 
 template <typename T>
 struct BwdScratch {
@@ -105,7 +89,7 @@ std::vector<WorkItem> key_chunk_items(const AttentionParams& p, const CpuTiles& 
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < p.batch; ++b) {
     const SeqInfo si = seq_info(p, b);
-    const KeyBlocks blocks(si.mask, si.k_len, t);
+    const KeyBlocks blocks(si.mask, si.k_len, t.k);
     const int64_t nkb = blocks.count();
     if (si.q_len == 0 || nkb == 0) continue;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -132,7 +116,7 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
   const MaskParams& mask = si.mask;
   const ScoreParams& sp = p.score;
   const int64_t hk = it.h;
-  const KeyBlocks blocks(mask, si.k_len, tiles);
+  const KeyBlocks blocks(mask, si.k_len, tiles.k);
   const int64_t nkb = blocks.count();
   const int64_t kb0 = nkb * it.tile / chunks, kb1 = nkb * (it.tile + 1) / chunks;
   const int64_t ldS = tiles.k;
@@ -262,7 +246,7 @@ void reduce_dq(const AttentionParams& p, const BackwardBuffers& g) {
 int64_t backward_dq_chunks(const AttentionParams& p) {
   const CpuTiles t = backward_tiles(p);
   const int64_t units = std::max<int64_t>(1, p.batch * p.heads_kv);
-  const int64_t max_blocks = ceil_div(p.seqlen_k, t.k) + 1;  // +1: a sink block of its own
+  const int64_t max_blocks = KeyBlocks::max_count(p.seqlen_k, t.k);
   // At least ~4 key blocks per chunk: each chunk costs a zeroed dQ-sized accumulator and a
   // pass of the final reduction, which short sequences do not repay.
   int64_t chunks = std::min(ceil_div(16, units), std::max<int64_t>(1, max_blocks / 4));

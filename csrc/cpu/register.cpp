@@ -10,12 +10,6 @@
 namespace longattn::cpu {
 namespace {
 
-// lse (and the backward's row statistics) are fp32, fp64 for fp64 inputs so that float64
-// gradcheck sees an exact lse.
-at::ScalarType lse_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 #define LONGATTN_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
@@ -30,12 +24,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
                            scale, softcap, logn_base, causal, window_left, window_right, sinks,
                            q_start, k_start, max_seqlen_q, max_seqlen_k};
   AttentionParams p = make_attention_params(args);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty(lse_shape(args), q.options().dtype(lse_dtype(q)));
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
+  const ForwardTensors t = make_forward_tensors(args, &p);
   LONGATTN_DISPATCH(q.scalar_type(), "longattn::attention", [&] { attention_forward<scalar_t>(p); });
-  return {out, lse};
+  return {t.out, t.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
@@ -50,38 +41,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                            scale, softcap, logn_base, causal, window_left, window_right, sinks,
                            q_start, k_start, max_seqlen_q, max_seqlen_k};
   AttentionParams p = make_attention_params(args);
-  check_like_q(dout, q, "dout");
-  check_like_q(out, q, "out");
-  const auto lshape = lse_shape(args);
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lshape) && lse.scalar_type() == lse_dtype(q),
-                    "lse must be ", lse_dtype(q), " of shape ", at::IntArrayRef(lshape), ", got ",
-                    lse.scalar_type(), " ", lse.sizes());
-  if (dlse.has_value()) {
-    TORCH_CHECK_VALUE(dlse->sizes() == lse.sizes(), "dlse must have lse's shape ", lse.sizes(),
-                      ", got ", dlse->sizes());
-  }
-  const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
-  const at::Tensor dlse_c = dlse.has_value() ? dlse->to(lse_dtype(q)).contiguous() : at::Tensor();
-  p.out = out_c.data_ptr();
-  p.lse = lse_c.data_ptr();
+  const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
 
   BackwardBuffers g;
   g.dq_chunks = backward_dq_chunks(p);
   const bool fp_acc = q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble;
   const bool dq_direct = g.dq_chunks == 1 && fp_acc;  // accumulate straight into dq
-  at::Tensor dq = dq_direct ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  at::Tensor dsink = sink_logits.has_value() ? at::empty({p.heads_q}, sink_logits->options())
-                                             : at::empty({0}, q.options().dtype(at::kFloat));
-  at::Tensor delta = at::empty(lse.sizes(), lse_c.options());
-  g.dout = dout_c.data_ptr();
-  g.dlse = dlse_c.defined() ? dlse_c.data_ptr() : nullptr;
+  if (dq_direct) t.dq.zero_();
+  at::Tensor delta = at::empty(t.lse.sizes(), t.lse.options());
+  g.dout = t.dout.data_ptr();
+  g.dlse = t.dlse_ptr();
   g.delta = delta.data_ptr();
-  g.dq = dq.data_ptr();
-  g.dk = dk.data_ptr();
-  g.dv = dv.data_ptr();
-  g.dsink = sink_logits.has_value() ? dsink.data_ptr() : nullptr;
+  g.dq = t.dq.data_ptr();
+  g.dk = t.dk.data_ptr();
+  g.dv = t.dv.data_ptr();
+  g.dsink = t.dsink_ptr(args);
   g.total_k = cu_seqlens_k.has_value() ? k.size(0) : k.size(0) * k.size(1);
   at::Tensor dq_accum;
   if (!dq_direct) {
@@ -90,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   }
   LONGATTN_DISPATCH(q.scalar_type(), "longattn::attention_backward",
                     [&] { attention_backward<scalar_t>(p, g); });
-  return {dq, dk, dv, dsink};
+  return {t.dq, t.dk, t.dv, t.dsink};
 }
 
 }  // namespace

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import _ops
+from ._device import check_device_built
 
 ops = torch.ops.longattn
 
@@ -116,6 +117,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
     _check_tensors(q, k, v, varlen)
+    check_device_built(q, "q")
     if varlen:
         for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
             if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
@@ -219,4 +221,5 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
         if o.dim() < 3 or tuple(l.shape) != tuple(o.shape[:-3]) + (o.shape[-2], o.shape[-3]):
             raise ValueError(f"outs[{i}] must be [*, L, H, D] and lses[{i}] [*, H, L]; got "
                              f"{tuple(o.shape)} and {tuple(l.shape)}")
+    check_device_built(outs[0], "outs[0]")
     return ops.merge_attention(outs, lses)

@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 
 from . import _rope_ops  # noqa: F401  (fake kernels and autograd)
+from ._device import check_device_built
 from .rope_scaling import ROPE_TYPES, frequencies, frequencies_from_config
 
 ops = torch.ops.longattn
@@ -73,6 +74,7 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tens
     _check_tensor("k", k, allow_none=True)
     _check_tensor("positions", positions)
     _check_tensor("inv_freq", inv_freq)
+    check_device_built(q, "q")
     rd = _rotary_dim(rotary_dim, inv_freq)
     scaling = float(attention_scaling)
     if inplace:

@@ -33,7 +33,8 @@ inline bool flash_supported(AttnDtype dtype, int64_t head_dim) {
 // dout: contiguous like out. dlse: lse's dtype and layout, or null (no lse gradient).
 // dq: contiguous like q/out; dk, dv: contiguous with k's shape, (B, Lk, Hkv, D) or (Tk, Hkv, D),
 // i.e. row stride heads_kv * head_dim. All three are written in full (no zeroing needed).
-// dsink: [heads_q] fp32 (fp64 with fp64 inputs), written in full, or null without sink logits.
+// dsink: [heads_q] in sink_logits' dtype (fp32, or fp64 when given with fp64 inputs), written
+// in full, or null without sink logits.
 // workspace: workspace_bytes of zeroed device memory, as asked by *_backward_workspace.
 struct AttentionGrads {
   const void* dout = nullptr;

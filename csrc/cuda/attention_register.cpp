@@ -1,0 +1,171 @@
+// CUDA registrations of attention and attention_backward: the shared argument checks
+// (attention_args.h), outputs and workspace, then one of two backends (attention_launch.h):
+//   flash: tensor-core kernels, fp16/bf16 with a head dim in kFlashHeadDims, when q/k/v (and
+//          dout/out) start 16-byte aligned, every q/k/v stride but the head dim's is a
+//          multiple of 8 elements, and the GPU is sm_80 or newer;
+//   simt:  CUDA-core kernels for everything else (fp32, fp64, any head dim <= 256).
+// LONGATTN_CUDA_BACKEND=auto|flash|simt overrides the choice, so tests can compare the two;
+// forcing flash where it cannot run is an error saying why.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one wants cuSPARSE headers
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
+
+#include "attention_args.h"
+#include "cuda/attention/attention_launch.h"
+
+namespace longattn::cuda {
+namespace {
+
+AttnDtype dtype_of(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return AttnDtype::kFloat32;
+    case at::kDouble: return AttnDtype::kFloat64;
+    case at::kHalf: return AttnDtype::kFloat16;
+    case at::kBFloat16: return AttnDtype::kBFloat16;
+    default: TORCH_CHECK_VALUE(false, "attention: unsupported dtype ", st);
+  }
+}
+
+enum class Backend { kAuto, kFlash, kSimt };
+
+Backend requested_backend() {
+  const char* env = std::getenv("LONGATTN_CUDA_BACKEND");
+  const std::string v = env != nullptr ? env : "";
+  if (v.empty() || v == "auto") return Backend::kAuto;
+  if (v == "flash") return Backend::kFlash;
+  if (v == "simt") return Backend::kSimt;
+  TORCH_CHECK_VALUE(false, "LONGATTN_CUDA_BACKEND must be auto, flash or simt, got '", v, "'");
+}
+
+// Why the flash kernels cannot take this call; empty when they can. `extra` are further
+// device pointers the kernels read with 16-byte loads (the backward's dout and out).
+std::string flash_unsupported(const AttentionParams& p, AttnDtype dtype, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v,
+                              std::initializer_list<const void*> extra) {
+  if (!flash_supported(dtype, p.head_dim)) {
+    std::string dims;
+    for (int d : kFlashHeadDims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+    return "the flash kernels take float16/bfloat16 with head_dim in {" + dims + "}, got " +
+           std::string(c10::toString(q.scalar_type())) + " with head_dim " +
+           std::to_string(p.head_dim);
+  }
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        q.device().index()));
+  if (major < 8) {
+    return "the flash kernels need compute capability 8.0 or newer, " + q.device().str() +
+           " has " + std::to_string(major) + ".x";
+  }
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    if (!aligned(t->data_ptr())) {
+      return std::string("the flash kernels need 16-byte aligned tensors; ") + name +
+             " starts at a misaligned address (a sliced view?)";
+    }
+    for (int64_t d = 0; d + 1 < t->dim(); ++d) {
+      if (t->stride(d) % 8 != 0) {
+        return std::string("the flash kernels need strides that are multiples of 8 elements; ") +
+               name + " has strides " + c10::str(t->strides());
+      }
+    }
+  }
+  for (const void* ptr : extra) {
+    if (!aligned(ptr)) return "the flash kernels need 16-byte aligned dout/out";
+  }
+  return {};
+}
+
+bool choose_flash(const AttentionParams& p, AttnDtype dtype, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v,
+                  std::initializer_list<const void*> extra) {
+  const Backend want = requested_backend();
+  if (want == Backend::kSimt) return false;
+  // Empty problems (no rows, heads or keys) go to the SIMT kernels, which handle them.
+  if (want == Backend::kAuto && (p.total_q == 0 || p.heads_q == 0 || k.numel() == 0)) return false;
+  const std::string why = flash_unsupported(p, dtype, q, k, v, extra);
+  TORCH_CHECK_VALUE(want != Backend::kFlash || why.empty(),
+                    "LONGATTN_CUDA_BACKEND=flash, but ", why, "; unset it (or use simt)");
+  return why.empty();
+}
+
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
+    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
+    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
+    int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
+                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
+                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+  // Checks every tensor is on q's device (index included) before anything touches the GPU.
+  AttentionParams p = make_attention_params(args);
+  TORCH_CHECK_VALUE(q.is_cuda(), "attention: q must be a CUDA tensor here, got ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const ForwardTensors t = make_forward_tensors(args, &p);
+  const AttnDtype dt = dtype_of(q.scalar_type());
+  const cudaStream_t stream = stream_of(q);
+  C10_CUDA_CHECK(choose_flash(p, dt, q, k, v, {}) ? flash_forward(p, dt, stream)
+                                                  : simt_forward(p, dt, stream));
+  return {t.out, t.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
+    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
+    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
+    int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
+                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
+                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+  AttentionParams p = make_attention_params(args);
+  TORCH_CHECK_VALUE(q.is_cuda(), "attention_backward: q must be a CUDA tensor here, got ",
+                    q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
+  AttentionGrads g;
+  g.dout = t.dout.data_ptr();
+  g.dlse = t.dlse_ptr();
+  g.dq = t.dq.data_ptr();
+  g.dk = t.dk.data_ptr();
+  g.dv = t.dv.data_ptr();
+  g.dsink = t.dsink_ptr(args);
+  g.deterministic = at::globalContext().deterministicAlgorithms();
+
+  const AttnDtype dt = dtype_of(q.scalar_type());
+  const bool flash = choose_flash(p, dt, q, k, v, {g.dout, p.out});
+  g.workspace_bytes = flash ? flash_backward_workspace(p, dt, g.deterministic)
+                            : simt_backward_workspace(p, dt, g.deterministic);
+  at::Tensor workspace;
+  if (g.workspace_bytes > 0) {
+    workspace = at::zeros({static_cast<int64_t>(g.workspace_bytes)}, q.options().dtype(at::kByte));
+    g.workspace = workspace.data_ptr();
+  }
+  const cudaStream_t stream = stream_of(q);
+  C10_CUDA_CHECK(flash ? flash_backward(p, g, dt, stream) : simt_backward(p, g, dt, stream));
+  return {t.dq, t.dk, t.dv, t.dsink};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
+  m.impl("attention", &attention_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace longattn::cuda

@@ -1,0 +1,5 @@
+// simt_emu stand-in: the runtime types the kernel headers name.
+#pragma once
+#include "cuda_emu.h"
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+typedef struct CUstream_st* cudaStream_t;

@@ -1,0 +1,171 @@
+// torch.ops.longattn_emu.attention / attention_backward: the SIMT kernels run on the CPU under
+// include/cuda_emu.h, with the registration's checks (attention_args.cpp) and the launchers'
+// plans (simt_tiles.h). Same schemas as torch.ops.longattn plus `smem_limit` (the opt-in shared
+// memory of the emulated device: smaller values force smaller tiles) and `seed` (scheduling).
+// Outputs are allocated with NaN guard bands that must survive (no write out of bounds).
+#include <torch/extension.h>
+
+#include "attention_args.h"
+// After torch: the emulation's macros (__shared__, threadIdx, ...) must not reach its headers.
+#include "cuda_emu.h"
+#include "cuda/attention/simt/simt_backward_kernels.cuh"
+#include "cuda/attention/simt/simt_forward_kernel.cuh"
+#include "cuda/attention/simt/simt_launch.h"
+
+namespace {
+
+using namespace longattn;
+using namespace longattn::cuda;
+using namespace longattn::cuda::simt;
+
+constexpr int64_t kGuard = 64;  // elements of NaN before and after every output
+
+struct Guarded {
+  at::Tensor storage, view;
+};
+
+bool guard_intact(const at::Tensor& t) {
+  return t.is_floating_point() ? t.isnan().all().item<bool>() : t.eq(255).all().item<bool>();
+}
+
+// Uninitialized outputs are NaN (0xff bytes for the workspace), so a value nobody wrote shows.
+Guarded guarded_empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  Guarded g;
+  const bool fp = at::isFloatingType(opt.dtype().toScalarType());
+  g.storage = at::full({n + 2 * kGuard}, fp ? std::numeric_limits<double>::quiet_NaN() : 255.0, opt);
+  g.view = g.storage.narrow(0, kGuard, n).view(sizes);
+  return g;
+}
+
+void check_guard(const Guarded& g, const char* name) {
+  const int64_t n = g.storage.numel();
+  const at::Tensor head = g.storage.narrow(0, 0, kGuard), tail = g.storage.narrow(0, n - kGuard, kGuard);
+  TORCH_CHECK(guard_intact(head) && guard_intact(tail),
+              "simt_emu: write out of bounds of ", name);
+}
+
+template <typename F>
+void dispatch(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "simt_emu: dtype ", st);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_emu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
+    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
+    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t smem_limit, int64_t seed) {
+  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
+                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
+                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+  AttentionParams p = make_attention_params(args);
+  const Guarded out = guarded_empty(q.sizes(), q.options());
+  const Guarded lse = guarded_empty(lse_shape(args), q.options().dtype(lse_dtype(q)));
+  p.out = out.view.data_ptr();
+  p.lse = lse.view.data_ptr();
+  dispatch(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const SimtLaunch l = query_major_launch<ForwardSmem>(p, sizeof(acc_t<T>), smem_limit);
+    TORCH_CHECK(l.ok(), "simt_emu: no forward plan");
+    emu::launch(l.blocks, l.tiles.smem_bytes, [&] { simt_forward_kernel<T>(p, l.tiles); }, seed);
+  });
+  check_guard(out, "out");
+  check_guard(lse, "lse");
+  return {out.view, lse.view};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
+    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
+    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t smem_limit, int64_t seed) {
+  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
+                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
+                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+  AttentionParams p = make_attention_params(args);
+  const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
+  // The outputs again, with guard bands.
+  const Guarded dq = guarded_empty(t.dq.sizes(), t.dq.options());
+  const Guarded dk = guarded_empty(t.dk.sizes(), t.dk.options());
+  const Guarded dv = guarded_empty(t.dv.sizes(), t.dv.options());
+  const Guarded dsink = guarded_empty(t.dsink.sizes(), t.dsink.options());
+  AttentionGrads g;
+  g.dout = t.dout.data_ptr();
+  g.dlse = t.dlse_ptr();
+  g.dq = dq.view.data_ptr();
+  g.dk = dk.view.data_ptr();
+  g.dv = dv.view.data_ptr();
+  g.dsink = sink_logits ? dsink.view.data_ptr() : nullptr;
+  const size_t acc = q.scalar_type() == at::kDouble ? 8 : 4;
+  g.workspace_bytes = simt_workspace_bytes(p, acc);
+  const Guarded ws = guarded_empty({static_cast<int64_t>(g.workspace_bytes)}, q.options().dtype(at::kByte));
+  ws.view.zero_();
+  g.workspace = ws.view.data_ptr();
+  // The launch sequence of launch_simt_backward (simt_backward.cuh).
+  dispatch(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t rows = p.total_q * p.heads_q;
+    if (rows > 0) emu::launch(ceil_div(rows, kWarps), 0, [&] { simt_delta_kernel<T>(p, g); }, seed);
+    if (g.dsink != nullptr && p.heads_q > 0) {
+      emu::launch(p.heads_q, 0, [&] { simt_dsink_kernel<T>(p, g); }, seed);
+    }
+    const SimtLaunch kv = key_major_launch(p, sizeof(acc_t<T>), smem_limit);
+    TORCH_CHECK(kv.ok(), "simt_emu: no dk/dv plan");
+    emu::launch(kv.blocks, kv.tiles.smem_bytes, [&] { simt_dkdv_kernel<T>(p, g, kv.tiles); }, seed);
+    const SimtLaunch dql = query_major_launch<DqSmem>(p, sizeof(acc_t<T>), smem_limit);
+    TORCH_CHECK(dql.ok(), "simt_emu: no dq plan");
+    emu::launch(dql.blocks, dql.tiles.smem_bytes, [&] { simt_dq_kernel<T>(p, g, dql.tiles); }, seed);
+  });
+  check_guard(dq, "dq");
+  check_guard(dk, "dk");
+  check_guard(dv, "dv");
+  check_guard(dsink, "dsink");
+  check_guard(ws, "workspace");
+  return {dq.view, dk.view, dv.view, dsink.view};
+}
+
+// The tiles each pass would use for long sequences (for a coverage report).
+std::vector<int64_t> plan(int64_t head_dim, int64_t elem_bytes, int64_t smem_limit) {
+  AttentionParams p;
+  p.head_dim = head_dim;
+  p.seqlen_q = p.seqlen_k = 1 << 20;
+  const SimtTiles f = query_major_launch<ForwardSmem>(p, elem_bytes, smem_limit).tiles;
+  const SimtTiles q = query_major_launch<DqSmem>(p, elem_bytes, smem_limit).tiles;
+  const SimtTiles kv = key_major_launch(p, elem_bytes, smem_limit).tiles;
+  return {f.bq, f.bk, q.bq, q.bk, kv.bq, kv.bk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(longattn_emu, m) {
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "Tensor? alibi_slopes, Tensor? sink_logits, float scale, float softcap, float logn_base, "
+      "bool causal, int window_left, int window_right, int sinks, int? q_start, int k_start, "
+      "int max_seqlen_q, int max_seqlen_k, int smem_limit, int seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, "
+      "Tensor? sink_logits, float scale, float softcap, float logn_base, bool causal, "
+      "int window_left, int window_right, int sinks, int? q_start, int k_start, "
+      "int max_seqlen_q, int max_seqlen_k, int smem_limit, int seed) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
+  m.def("plan(int head_dim, int elem_bytes, int smem_limit) -> int[]", &plan);
+}
+
+TORCH_LIBRARY_IMPL(longattn_emu, CPU, m) {
+  m.impl("attention", &attention_emu);
+  m.impl("attention_backward", &attention_backward_emu);
+}
