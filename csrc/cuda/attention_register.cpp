@@ -57,6 +57,10 @@ std::string flash_unsupported(const AttentionParams& p, AttnDtype dtype, const a
            std::string(c10::toString(q.scalar_type())) + " with head_dim " +
            std::to_string(p.head_dim);
   }
+  // Grid limits of the flash launches (heads on grid y; 32-bit key indices in the tiles).
+  if (p.heads_q > 65535 || p.seqlen_k > (int64_t(1) << 30) || p.seqlen_q > (int64_t(1) << 30)) {
+    return "the flash kernels take at most 65535 q heads and 2^30 tokens per sequence";
+  }
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
                                         q.device().index()));
