@@ -2,7 +2,7 @@
 // reductions over a row's thread group, tile loads and stores, the logit transform, a CTA-wide
 // GEMM on shared-memory tiles, and the walk of a query tile over its key tiles.
 //
-// Accumulation type A = acc_t<T> (cuda/dtype.cuh): fp32, fp64 for double inputs. fp32 math
+// Accumulation type A = acc_t<T> (cuda/device_common.cuh): fp32, fp64 for double inputs. fp32 math
 // uses the fast exp/log intrinsics (the build compiles with --use_fast_math anyway); tanh is
 // spelled through exp so no approximate tanh instruction is ever used, and saturates exactly.
 #pragma once
@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "common/attention_params.h"
-#include "cuda/dtype.cuh"
+#include "cuda/device_common.cuh"
 #include "cuda/attention/simt/simt_tiles.h"
 
 namespace longattn::cuda::simt {
