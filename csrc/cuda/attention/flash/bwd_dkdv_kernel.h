@@ -35,7 +35,7 @@ BWD_DEVICE void dkdv_block(const BwdParams& bp, char* smem, int n_block, int hk,
   const Range rows = si.q_len > 0 ? mask.query_range(j0, j0 + nk, si.q_len) : Range{0, 0};
   const int m_lo = rows.empty() ? 0 : static_cast<int>(rows.lo / M);
   const int n_m = rows.empty() ? 0 : static_cast<int>(ceil_div(rows.hi, M)) - m_lo;
-  const int group = static_cast<int>(p.heads_q / p.heads_kv);
+  const int group = static_cast<int>(p.group());
   const int n_tiles = group * n_m;
   auto head_of = [&](int t) { return hk * group + t / n_m; };
   auto row0_of = [&](int t) { return int64_t(m_lo + t % n_m) * M; };

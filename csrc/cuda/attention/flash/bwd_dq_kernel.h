@@ -23,7 +23,7 @@ BWD_DEVICE void dq_block(const BwdParams& bp, char* smem, int m_block, int h, in
   const int64_t i0 = int64_t(m_block) * M;
   if (i0 >= si.q_len) return;
   const int nq = static_cast<int>(min64(M, si.q_len - i0));
-  const int hk = static_cast<int>(h / (p.heads_q / p.heads_kv));
+  const int hk = static_cast<int>(h / p.group());
 
   // Key blocks (aligned to N): those of the sink range, then those of the band not already
   // listed (the two ranges are disjoint and the sinks come first).
