@@ -3,6 +3,10 @@ of it. RoPE is memory-bound, so the figure of merit is GB/s: bytes of q and k re
 written once, divided by the time. On a GPU it also reports the fraction of the bandwidth a
 plain copy (clone of the same tensors) reaches on the same device.
 
+The ``bwd+freq`` column is the backward when inv_freq requires grad (``rope_backward``: reads
+the gradients and the saved q and k, writes the input gradients and reduces the inv_freq
+gradient), in GB/s of those three passes.
+
     python bench/bench_rope.py                 # CPU (or --device cuda)
     python bench/bench_rope.py --quick         # fewer shapes and repeats
 
@@ -85,7 +89,7 @@ def main():
           f"longattn {longattn.build_info().get('cpu_isa')}"
           + (f"  {torch.cuda.get_device_name()}" if dev == "cuda" else ""))
     hdr = (f"{'shape':<15}{'dtype':<10}{'MB':>8}{'longattn':>10}{'inplace':>10}{'eager':>10}"
-           f"{'compiled':>10}{'x eager':>9}{'x compiled':>11}")
+           f"{'compiled':>10}{'x eager':>9}{'x compiled':>11}{'bwd+freq':>10}")
     if dev == "cuda":
         hdr += f"{'copy':>9}{'% copy':>8}"
     print("GB/s (q and k read + written once each)")
@@ -106,6 +110,8 @@ def main():
         res["inplace"] = timeit(lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling,
                                                             inplace=True), dev, repeats)
         res["eager"] = timeit(lambda: hf_rope(q, k, pos, rinv, scaling), dev, repeats)
+        res["bwd+freq"] = timeit(lambda: torch.ops.longattn.rope_backward(
+            q, k, q, k, pos, rinv, scaling, rinv.numel() * 2, False, False, True), dev, repeats)
         if dev == "cuda":
             res["copy"] = timeit(lambda: (q.clone(), k.clone()), dev, repeats)
     if not args.no_compile:
@@ -115,11 +121,13 @@ def main():
     for label, q, k, pos, rinv, res in cases:
         nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
         gbs = {kk: nbytes / t / 1e9 for kk, t in res.items()}
+        gbs["bwd+freq"] *= 1.5  # three passes over q and k, not two
         row = (f"{label:<15}{str(q.dtype).replace('torch.', ''):<10}{nbytes / 2**20:>8.0f}"
                f"{gbs['longattn']:>10.1f}{gbs['inplace']:>10.1f}{gbs['eager']:>10.1f}"
                f"{gbs.get('compiled', float('nan')):>10.1f}"
                f"{res['eager'] / res['longattn']:>9.2f}"
-               f"{res.get('compiled', float('nan')) / res['longattn']:>11.2f}")
+               f"{res.get('compiled', float('nan')) / res['longattn']:>11.2f}"
+               f"{gbs['bwd+freq']:>10.1f}")
         if dev == "cuda":
             row += f"{gbs['copy']:>9.0f}{100 * gbs['longattn'] / gbs['copy']:>7.0f}%"
         print(row, flush=True)

@@ -39,6 +39,15 @@ TORCH_LIBRARY(longattn, m) {
   m.def(
       "rope_(Tensor(a!) q, Tensor(b!)? k, Tensor positions, Tensor inv_freq, "
       "float attention_scaling, int rotary_dim, bool interleaved, bool inverse) -> ()");
+  // Backward of rope(q, k, ..., inverse) when inv_freq needs a gradient: dq/dk (the incoming
+  // gradients rotated back; empty 1-D tensors unless input_grads; dk empty without k) and
+  // dinv_freq[i] = sum over tokens t and heads of sign * positions[t] * (x_a dx_b - x_b dx_a)
+  // of pair i (x the forward input, dx its gradient, sign -1 when inverse), reduced in a
+  // fixed order (deterministic). q and k are the forward's inputs, k given iff dk_out is.
+  m.def(
+      "rope_backward(Tensor dq_out, Tensor? dk_out, Tensor q, Tensor? k, Tensor positions, "
+      "Tensor inv_freq, float attention_scaling, int rotary_dim, bool interleaved, bool inverse, "
+      "bool input_grads) -> (Tensor dq, Tensor dk, Tensor dinv_freq)");
   // KV cache (python/longattn/kvcache.py). decode_attention: q (B, Hq, n, D) over a cache
   // (B, Hkv, C, D) with per-(b, h) lengths; key j of (b, h) is visible to new query i when
   // j < lengths[b, h] and, with q_positions (B, n): positions[b, h, j] (default j) <=

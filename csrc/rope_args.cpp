@@ -13,6 +13,12 @@ const char* layout_name(int64_t rank) {
   return rank == 4 ? "(batch, seqlen, heads, head_dim)" : "(tokens, heads, head_dim)";
 }
 
+void check_head_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) <= 1 || t.numel() == 0, name,
+                    " must have a contiguous head dim (stride 1 on the last dim), got strides ",
+                    t.strides());
+}
+
 void check_x(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
   TORCH_CHECK_VALUE(t.dim() == 4 || t.dim() == 3, name, " must be ", layout_name(4), " or ",
@@ -26,9 +32,28 @@ void check_x(const at::Tensor& t, const char* name, const at::Tensor& q) {
                     q.scalar_type(), "; q and k must share one dtype");
   TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ",
                     q.device());
-  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) <= 1, name,
-                    " must have a contiguous head dim (stride 1 on the last dim), got strides ",
-                    t.strides());
+  check_head_dim_contiguous(t, name);
+}
+
+// Element strides of the batch, token and head dims ((T, H, D): batch stride 0).
+void token_strides(const at::Tensor& t, int64_t* stride_b, int64_t* stride_l, int64_t* stride_h) {
+  *stride_b = t.dim() == 4 ? t.stride(0) : 0;
+  *stride_l = t.stride(t.dim() - 3);
+  *stride_h = t.stride(-2);
+}
+
+// The forward's input `saved` next to its incoming gradient: same shape, dtype and device.
+void set_saved(RopeTensor& v, const at::Tensor& saved, const char* name, const at::Tensor& grad,
+               const char* grad_name) {
+  TORCH_CHECK_VALUE(saved.sizes() == grad.sizes(), name, " has shape ", saved.sizes(), " but ",
+                    grad_name, " has ", grad.sizes(), "; they must match");
+  TORCH_CHECK_VALUE(saved.scalar_type() == grad.scalar_type(), name, " has dtype ",
+                    saved.scalar_type(), " but ", grad_name, " has ", grad.scalar_type());
+  TORCH_CHECK_VALUE(saved.device() == grad.device(), name, " is on ", saved.device(), " but ",
+                    grad_name, " is on ", grad.device());
+  check_head_dim_contiguous(saved, name);
+  v.saved = saved.data_ptr();
+  token_strides(saved, &v.saved_stride_b, &v.saved_stride_l, &v.saved_stride_h);
 }
 
 RopeTensor view_of(const at::Tensor& t) {
@@ -36,13 +61,7 @@ RopeTensor view_of(const at::Tensor& t) {
   v.in = t.data_ptr();
   v.heads = t.size(-2);
   v.head_dim = t.size(-1);
-  if (t.dim() == 4) {
-    v.in_stride_b = t.stride(0);
-    v.in_stride_l = t.stride(1);
-  } else {
-    v.in_stride_l = t.stride(0);
-  }
-  v.in_stride_h = t.stride(-2);
+  token_strides(t, &v.in_stride_b, &v.in_stride_l, &v.in_stride_h);
   return v;
 }
 
@@ -140,6 +159,32 @@ std::tuple<at::Tensor, at::Tensor> allocate_rope_outputs(RopeParams& p, const at
   }
   p.copy_tail = true;
   return {q_out, k_out};
+}
+
+std::tuple<RopeParams, at::Tensor, at::Tensor, at::Tensor> make_rope_backward(
+    const at::Tensor& dq_out, const std::optional<at::Tensor>& dk_out, const at::Tensor& q,
+    const std::optional<at::Tensor>& k, const at::Tensor& positions, const at::Tensor& inv_freq,
+    double attention_scaling, int64_t rotary_dim, bool interleaved, bool inverse,
+    bool input_grads) {
+  TORCH_CHECK_VALUE(k.has_value() == dk_out.has_value(),
+                    "rope_backward: k and dk_out must be given together (got k ",
+                    k.has_value() ? "set" : "None", ", dk_out ", dk_out.has_value() ? "set" : "None",
+                    ")");
+  RopeParams p = make_rope_params(dq_out, dk_out, positions, inv_freq, attention_scaling,
+                                  rotary_dim, interleaved, !inverse);
+  set_saved(p.x[0], q, "q", dq_out, "dq_out");
+  if (k.has_value()) set_saved(p.x[1], *k, "k", *dk_out, "dk_out");
+  at::Tensor dq, dk;
+  if (input_grads) {
+    std::tie(dq, dk) = allocate_rope_outputs(p, dq_out, dk_out);
+  } else {
+    dq = at::empty({0}, dq_out.options());
+    dk = at::empty({0}, dq_out.options());
+    p.copy_tail = false;  // out stays null: only the inv_freq gradient is computed
+  }
+  at::Tensor dinv_freq = at::empty(inv_freq.sizes(), inv_freq.options());
+  p.grad_inv_freq = dinv_freq.data_ptr();
+  return {p, dq, dk, dinv_freq};
 }
 
 void set_rope_inplace(RopeParams& p, const at::Tensor& q, const std::optional<at::Tensor>& k) {

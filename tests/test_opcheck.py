@@ -153,6 +153,7 @@ def test_opcheck_merge_backward(case, with_dlse, device):
 
 # Ops whose opcheck cases live with their family's tests.
 OPS_ELSEWHERE = {"rope": "tests/test_rope.py", "rope_": "tests/test_rope.py",
+                 "rope_backward": "tests/test_rope_grad.py",
                  "ring_attention": "below", "ring_attention_backward": "below",
                  "decode_attention": "tests/test_kvcache.py", "compact_": "tests/test_kvcache.py",
                  "compact_rerotate_": "tests/test_kvcache.py"}

@@ -21,28 +21,15 @@ namespace longattn::cpu {
 namespace {
 
 template <typename T>
-using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-int64_t position_at(const RopeParams& p, int64_t b, int64_t l) {
-  const int64_t off = b * p.pos_stride_b + l * p.pos_stride_l;
-  return p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
-                           : static_cast<const int32_t*>(p.positions)[off];
-}
-
-template <typename T>
 void rope_kernel(const RopeParams& p) {
-  using C = compute_t<T>;
+  using C = rope_rows::compute_t<T>;
   const int64_t tokens = p.tokens();
   const int64_t R = p.rotary_dim, half = R / 2;
   const int64_t heads_q = p.x[0].heads;
   const int64_t heads = heads_q + (p.n_tensors == 2 ? p.x[1].heads : 0);
   if (tokens == 0 || heads == 0) return;
 
-  std::vector<double> freq(half);
-  for (int64_t i = 0; i < half; ++i) {
-    freq[i] = p.inv_freq_fp64 ? static_cast<const double*>(p.inv_freq)[i]
-                              : static_cast<double>(static_cast<const float*>(p.inv_freq)[i]);
-  }
+  const std::vector<double> freq = rope_rows::frequencies(p);
   const C cos_mul = static_cast<C>(p.scaling);
   const C sin_mul = static_cast<C>(p.inverse ? -p.scaling : p.scaling);
 
@@ -69,7 +56,7 @@ void rope_kernel(const RopeParams& p) {
       const int64_t h_end = std::min(heads, h_begin + heads_per_block);
       const int64_t b = t / p.seqlen, l = t % p.seqlen;
       if (t != table_token) {
-        rope_rows::position_tables<C>(position_at(p, b, l), freq.data(), half, cos_mul, sin_mul,
+        rope_rows::position_tables<C>(p.position(b, l), freq.data(), half, cos_mul, sin_mul,
                                       p.interleaved, tab);
         table_token = t;
       }
@@ -89,9 +76,6 @@ void rope_kernel(const RopeParams& p) {
     }
   });
 }
-
-#define LONGATTN_ROPE_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k,
                                             const at::Tensor& positions, const at::Tensor& inv_freq,

@@ -10,14 +10,32 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <ATen/Dispatch.h>
+
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "common/rope_math.h"
+#include "common/rope_params.h"
+
+// The dtypes of the rope ops (checked by rope_args.cpp).
+#define LONGATTN_ROPE_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 namespace longattn::cpu::rope_rows {
+
+// Rows are rotated in fp32, fp64 for fp64 inputs.
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+inline std::vector<double> frequencies(const RopeParams& p) {
+  std::vector<double> freq(p.rotary_dim / 2);
+  for (int64_t i = 0; i < p.rotary_dim / 2; ++i) freq[i] = p.frequency(i);
+  return freq;
+}
 
 // cos/sin per pair (half entries); for the interleaved layout also per element (R entries),
 // with sin2 carrying the sign: y[2i] = x[2i] c - x[2i+1] s, y[2i+1] = x[2i+1] c + x[2i] s,

@@ -13,9 +13,12 @@ and the partial results are merged exactly by their log-sum-exp (``merge_attenti
 matrix is built, memory stays linear, and both calls skip the tiles their window excludes.
 
 All functions take q ``(B, Lq, Hq, D)``, k/v ``(B, Lk, Hkv, D)`` *before* RoPE, query row i at
-position ``p = q_start + i`` (default ``Lk - Lq``, bottom-right aligned) and key j at ``s = j``.
-They are differentiable in q, k and v. References: ``longattn.rope_reference`` (a dense
-per-pair implementation of each method).
+position ``p = q_start + i`` (default ``Lk - Lq``, bottom-right aligned) and key j at ``s = j``;
+or the varlen form q ``(Tq, Hq, D)``, k/v ``(Tk, Hkv, D)`` with ``cu_seqlens_q/k`` (int32
+``(batch + 1,)``, as ``longattn.attention``), positions restarting at 0 in every sequence and
+``q_start`` (default ``Lk - Lq`` of each sequence) applying to each. A varlen batch gives what
+each sequence gives alone in the dense form. They are differentiable in q, k, v and inv_freq.
+References: ``longattn.rope_reference`` (a dense per-pair implementation of each method).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ._extend_layout import first_keys_attention, make_layout
 from .attention import attention, merge_attention
 from .rope import apply_rope
 
@@ -30,27 +34,15 @@ __all__ = ["self_extend_attention", "rerope_attention", "lm_infinite_attention",
            "self_extend_positions"]
 
 
-def _check(q, k, v, inv_freq, name):
-    for n, t in (("q", q), ("k", k), ("v", v), ("inv_freq", inv_freq)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: {n} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{name}: q, k, v must be (batch, seqlen, heads, head_dim); got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+def _check_freq(inv_freq, name):
+    if not isinstance(inv_freq, torch.Tensor):
+        raise ValueError(f"{name}: inv_freq must be a torch.Tensor, got {type(inv_freq).__name__}")
 
 
 def _positive_int(x, what, name):
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:
         raise ValueError(f"{name}: {what} must be an int >= 1, got {x!r}")
     return x
-
-
-def _positions(q, k, q_start):
-    Lq, Lk = q.shape[1], k.shape[1]
-    q0 = Lk - Lq if q_start is None else int(q_start)
-    p = torch.arange(Lq, device=q.device, dtype=torch.int64) + q0
-    s = torch.arange(Lk, device=q.device, dtype=torch.int64)
-    return p, s, q0
 
 
 def _merge(parts, return_lse):
@@ -69,19 +61,22 @@ def self_extend_positions(p: torch.Tensor, s: torch.Tensor, group_size: int, win
 def self_extend_attention(q, k, v, inv_freq, *, group_size: int, window: int,
                           attention_scaling: float = 1.0, rotary_dim: Optional[int] = None,
                           interleaved: bool = False, scale: Optional[float] = None,
-                          q_start: Optional[int] = None, return_lse: bool = False):
+                          q_start: Optional[int] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                          max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                          return_lse: bool = False):
     """SelfExtend (Jin et al. 2024): causal attention in which keys within ``window`` of the
     query use normal RoPE positions and farther keys use grouped (floor-divided) positions.
 
     ``group_size=1`` is plain causal RoPE attention. Returns ``out`` (and ``lse``).
     """
     name = "self_extend_attention"
-    _check(q, k, v, inv_freq, name)
+    _check_freq(inv_freq, name)
     G = _positive_int(group_size, "group_size", name)
     W = _positive_int(window, "window", name)
-    p, s, q0 = _positions(q, k, q_start)
+    lay = make_layout(q, k, v, q_start, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name)
+    p, s = lay.p, lay.s
     rope = dict(attention_scaling=attention_scaling, rotary_dim=rotary_dim, interleaved=interleaved)
-    attn = dict(causal=True, scale=scale, q_start=q0, return_lse=True)
+    attn = dict(causal=True, scale=scale, return_lse=True, **lay.attn)
     near = attention(apply_rope(q, None, p, inv_freq, **rope), apply_rope(k, None, s, inv_freq, **rope),
                      v, window=(W - 1, 0), **attn)
     pg, sg = self_extend_positions(p, s, G, W)
@@ -93,7 +88,9 @@ def self_extend_attention(q, k, v, inv_freq, *, group_size: int, window: int,
 def rerope_attention(q, k, v, inv_freq, *, window: int, leak: Optional[float] = None,
                      attention_scaling: float = 1.0, rotary_dim: Optional[int] = None,
                      interleaved: bool = False, scale: Optional[float] = None,
-                     q_start: Optional[int] = None, return_lse: bool = False):
+                     q_start: Optional[int] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                     return_lse: bool = False):
     """ReRoPE (Su 2023): causal attention with relative position ``min(p - s, window)``; with
     ``leak=k`` (leaky ReRoPE) distances past the window grow at 1/k: ``w + (p - s - w) / k``.
 
@@ -103,14 +100,15 @@ def rerope_attention(q, k, v, inv_freq, *, window: int, leak: Optional[float] = 
     theta / k is taken in float64 so no fp32 rounding of the frequency enters the angle.
     """
     name = "rerope_attention"
-    _check(q, k, v, inv_freq, name)
+    _check_freq(inv_freq, name)
     W = _positive_int(window, "window", name)
     if leak is not None and not (isinstance(leak, (int, float)) and not isinstance(leak, bool) and leak >= 1):
         raise ValueError(f"{name}: leak must be a number >= 1 or None, got {leak!r}")
-    p, s, q0 = _positions(q, k, q_start)
+    lay = make_layout(q, k, v, q_start, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name)
+    p, s = lay.p, lay.s
     rope = dict(rotary_dim=rotary_dim, interleaved=interleaved)
     A = attention_scaling
-    attn = dict(causal=True, scale=scale, q_start=q0, return_lse=True)
+    attn = dict(causal=True, scale=scale, return_lse=True, **lay.attn)
     near = attention(apply_rope(q, None, p, inv_freq, attention_scaling=A, **rope),
                      apply_rope(k, None, s, inv_freq, attention_scaling=A, **rope),
                      v, window=(W - 1, 0), **attn)
@@ -129,29 +127,36 @@ def lm_infinite_attention(q, k, v, inv_freq, *, local_window: int, global_tokens
                           max_distance: Optional[int] = None, attention_scaling: float = 1.0,
                           rotary_dim: Optional[int] = None, interleaved: bool = False,
                           scale: Optional[float] = None, q_start: Optional[int] = None,
-                          return_lse: bool = False):
+                          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: Optional[int] = None,
+                          max_seqlen_k: Optional[int] = None, return_lse: bool = False):
     """LM-Infinite (Han et al. 2023): the lambda mask plus the distance ceiling.
 
     Keys within ``local_window`` (``0 <= p - s < n_local``) are scored with normal RoPE; the first
-    ``global_tokens`` keys, when farther, are scored as if at distance ``max_distance`` (default
-    ``local_window``): q rotated to that position, k unrotated (Glaciohound/LM-Infinite's
-    "stationary" branch). Other keys are invisible.
+    ``global_tokens`` keys (of each sequence), when farther, are scored as if at distance
+    ``max_distance`` (default ``local_window``): q rotated to that position, k unrotated
+    (Glaciohound/LM-Infinite's "stationary" branch). Other keys are invisible.
     """
     name = "lm_infinite_attention"
-    _check(q, k, v, inv_freq, name)
+    _check_freq(inv_freq, name)
     W = _positive_int(local_window, "local_window", name)
     if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
         raise ValueError(f"{name}: global_tokens must be an int >= 0, got {global_tokens!r}")
     M = W if max_distance is None else _positive_int(max_distance, "max_distance", name)
-    p, s, q0 = _positions(q, k, q_start)
+    lay = make_layout(q, k, v, q_start, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name)
+    p, s = lay.p, lay.s
     rope = dict(attention_scaling=attention_scaling, rotary_dim=rotary_dim, interleaved=interleaved)
-    attn = dict(causal=True, scale=scale, q_start=q0, return_lse=True)
+    attn = dict(causal=True, scale=scale, return_lse=True)
     parts = [attention(apply_rope(q, None, p, inv_freq, **rope), apply_rope(k, None, s, inv_freq, **rope),
-                       v, window=(W - 1, 0), **attn)]
-    n_global = min(global_tokens, k.shape[1])
-    if n_global > 0:
-        kg = k[:, :n_global]
+                       v, window=(W - 1, 0), **attn, **lay.attn)]
+    if global_tokens > 0:
         q_far = apply_rope(q, None, torch.full_like(p, M), inv_freq, **rope)
-        k_far = apply_rope(kg, None, torch.zeros_like(s[:n_global]), inv_freq, **rope)
-        parts.append(attention(q_far, k_far, v[:, :n_global], window=(None, -W), k_start=0, **attn))
+
+        def unrotated(kg):  # position 0: only the attention scaling
+            return apply_rope(kg, None, torch.zeros(kg.shape[-3], dtype=torch.int64,
+                                                    device=kg.device), inv_freq, **rope)
+
+        far = first_keys_attention(lay, q_far, k, v, global_tokens, unrotated,
+                                   window=(None, -W), **attn)
+        if far is not None:
+            parts.append(far)
     return _merge(parts, return_lse)

@@ -57,18 +57,22 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tens
         positions: int32/int64 ``(batch, seqlen)``, ``(1, seqlen)`` or ``(seqlen,)``; varlen:
             ``(tokens,)``. Any values, including negative ones (exact for ``|p| < 2**53``).
         inv_freq: fp32 ``(rotary_dim // 2,)``, e.g. from :func:`frequencies` (fp64 accepted;
-            then the angle is a rounded double product). It receives no gradient.
+            then the angle is a rounded double product). Differentiable (learned or searched
+            frequencies): ``d/d inv_freq[i] = sum over tokens and heads of position *
+            (d loss / d angle of pair i)``, computed by the kernels with q and k saved for it
+            (only when inv_freq requires grad).
         attention_scaling: multiplies cos and sin (HF's ``attention_scaling``; YaRN's mscale).
         rotary_dim: rotated features per head, default ``2 * len(inv_freq)``; the rest pass
             through unchanged (partial rotary).
         interleaved: GPT-J pairing ``(2i, 2i+1)`` instead of NeoX ``(i, i + rotary_dim/2)``.
-        inplace: rotate q and k in place (inference only: refused when a gradient is needed)
-            and return them. Safe under torch.compile (the op's schema marks the mutation).
+        inplace: rotate q and k in place (inference only: refused when q, k or inv_freq
+            requires grad, since the backward needs the inputs the rotation overwrites) and
+            return them. Safe under torch.compile (the op's schema marks the mutation).
 
     Returns:
         ``(q_out, k_out)``, or ``q_out`` alone when ``k`` is None. Out of place the outputs are
         new contiguous tensors; differentiable in q and k (the backward rotates the gradient by
-        the opposite angle).
+        the opposite angle) and in inv_freq.
     """
     _check_tensor("q", q)
     _check_tensor("k", k, allow_none=True)
@@ -79,10 +83,10 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tens
     scaling = float(attention_scaling)
     if inplace:
         needs_grad = torch.is_grad_enabled() and (
-            q.requires_grad or (k is not None and k.requires_grad))
+            q.requires_grad or (k is not None and k.requires_grad) or inv_freq.requires_grad)
         if needs_grad:
-            raise ValueError("apply_rope(inplace=True) is for inference: q or k requires grad; "
-                             "use inplace=False (the default) when training")
+            raise ValueError("apply_rope(inplace=True) is for inference: q, k or inv_freq "
+                             "requires grad; use inplace=False (the default) when training")
         ops.rope_(q, k, positions, inv_freq, scaling, rd, bool(interleaved), False)
         return q if k is None else (q, k)
     q_out, k_out = ops.rope(q, k, positions, inv_freq, scaling, rd, bool(interleaved), False)

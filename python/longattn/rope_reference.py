@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["rope_angles_ref", "apply_rope_ref", "relative_rope_attention_ref",
+__all__ = ["rope_angles_ref", "apply_rope_ref", "rope_grads_ref", "relative_rope_attention_ref",
            "self_extend_delta", "rerope_delta", "lm_infinite_delta"]
 
 
@@ -60,6 +60,26 @@ def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     x0, x1 = _split(xd, rotary_dim, interleaved)
     y = _join(x0 * cos - x1 * sin, x1 * cos + x0 * sin, interleaved)
     return torch.cat((y, xd[..., rotary_dim:]), dim=-1)
+
+
+def rope_grads_ref(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tensor,
+                   inv_freq: torch.Tensor, dq_out: torch.Tensor,
+                   dk_out: Optional[torch.Tensor] = None, *, attention_scaling: float = 1.0,
+                   rotary_dim: Optional[int] = None, interleaved: bool = False,
+                   inverse: bool = False, upcast: bool = True):
+    """Gradients of :func:`apply_rope_ref` on q (and k) given the output gradients, by autograd
+    through the plain formula: ``(dq, dk, dinv_freq)``; dk is None without k. inv_freq is taken
+    as a float64 leaf, so ``dinv_freq`` is float64; with ``upcast=False`` everything past the
+    angle runs in the inputs' dtype (the low-precision baseline of the tolerance rule)."""
+    inv = inv_freq.detach().to(torch.float64).requires_grad_()
+    xs = [q.detach().requires_grad_()] + ([k.detach().requires_grad_()] if k is not None else [])
+    gs = [dq_out] + ([dk_out] if k is not None else [])
+    kw = dict(attention_scaling=attention_scaling, rotary_dim=rotary_dim, interleaved=interleaved,
+              inverse=inverse, upcast=upcast)
+    outs = [apply_rope_ref(x, positions, inv, **kw) for x in xs]
+    grads = torch.autograd.grad(outs, xs + [inv], [g.to(o.dtype) for g, o in zip(gs, outs)])
+    dq, dk = grads[0], (grads[1] if k is not None else None)
+    return dq, dk, grads[-1]
 
 
 def relative_rope_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
