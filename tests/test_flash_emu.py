@@ -1,17 +1,27 @@
-"""The CUDA flash attention backward (csrc/cuda/attention/flash/bwd_*), run without a GPU.
+"""The CUDA flash attention forward and backward (csrc/cuda/attention/flash/), run without a GPU.
 
 tests/flash_emu compiles the kernel bodies for the host with emulated warp instructions
 (ldmatrix, mma.sync, cp.async, shuffles; threads as fibers in a seeded random schedule) and
-runs the same launch plan as the CUDA build. The gradients are checked against the float64
-reference with the suite's tolerance rule (factor 3 over plain PyTorch in the kernel's dtype).
+runs the same launch plan as the CUDA build. Shared memory starts as NaN between guard bands;
+outputs sit between NaN guard bands (no write out of bounds, no element left unwritten).
+
+Forward: out and lse against the float64 reference with the suite's tolerance rule (factor 2
+over plain PyTorch in the kernel's dtype); rows without a visible key must be exactly out 0,
+lse -inf (lse = z with a sink logit). Backward: dq/dk/dv/dsink, factor 3.
+
+The default run (make test) is small: 9 forward cases (about 30 s, plus about a minute to
+compile the forward library once) and 14 backward ones. LONGATTN_FLASH_EMU=full runs every
+forward case in both dtypes and head dims, 60 random forward problems, and every backward case
+in both dQ modes.
 
 Needs g++, the CUDA toolkit headers (cuda/std, cuda_runtime_api.h) and CUTLASS 4.2 headers
-(the nvidia-cutlass package or LONGATTN_CUTLASS_DIR); skipped otherwise. Slow: each case runs
-256 fibers per emulated block.
+(the nvidia-cutlass package or LONGATTN_CUTLASS_DIR); skipped otherwise. Slow: each emulated
+block runs 128 (forward) or 256 (backward) fibers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
 import importlib.util
@@ -68,14 +78,24 @@ def _cuda_includes():
     return None
 
 
-def _build():
+# One library per direction, so the forward tests do not wait for the backward's compile; the
+# longest translation units first, compiled in parallel.
+_DRIVERS = {
+    "fwd": ["emu_flash_fwd_fp16.cpp", "emu_flash_fwd_bf16.cpp", "emu_flash_fwd.cpp", "emu_block.cpp"],
+    "bwd": ["emu_flash_bwd.cpp", "emu_block.cpp"],
+}
+
+
+def _build(kind):
     cutlass = _cutlass_include()
     cuda = _cuda_includes()
     cxx = shutil.which("g++")
     if not (cutlass and cuda and cxx):
         pytest.skip("needs g++, CUDA toolkit headers and CUTLASS headers")
+    cpps = [os.path.join(_EMU, f) for f in _DRIVERS[kind]]
     srcs = sorted(
-        [os.path.join(_EMU, f) for f in os.listdir(_EMU)]
+        cpps
+        + [os.path.join(_EMU, f) for f in os.listdir(_EMU) if f.endswith(".h")]
         + [os.path.join(_FLASH, f) for f in os.listdir(_FLASH) if f.endswith(".h")]
         + [os.path.join(_ROOT, "csrc", "common", f) for f in os.listdir(os.path.join(_ROOT, "csrc", "common"))]
         + [os.path.join(_ROOT, "csrc", "cuda", "attention", "attention_launch.h")]
@@ -84,25 +104,32 @@ def _build():
     for s in srcs:
         with open(s, "rb") as f:
             h.update(f.read())
-    out = os.path.join(tempfile.gettempdir(), f"longattn_flash_emu_{h.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-fpermissive", "-w",
-               "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # fibers longjmp across stacks
-               f"-I{os.path.join(_ROOT, 'csrc')}", f"-I{_EMU}", "-isystem", cutlass]
-        for c in cuda:
-            cmd += ["-isystem", c]
-        tmp = out + f".{os.getpid()}.tmp"
-        cmd += [os.path.join(_EMU, "emu_flash_bwd.cpp"), "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, "emulator build failed:\n" + r.stderr[-4000:]
-        os.replace(tmp, out)
+    out = os.path.join(tempfile.gettempdir(), f"longattn_flash_emu_{kind}_{h.hexdigest()[:16]}.so")
+    if os.path.exists(out):
+        return out
+    flags = ["-std=c++20", "-O1", "-fPIC", "-fpermissive", "-w",
+             "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # fibers longjmp across stacks
+             f"-I{os.path.join(_ROOT, 'csrc')}", f"-I{_EMU}", "-isystem", cutlass]
+    for c in cuda:
+        flags += ["-isystem", c]
+    tmp = f"{out}.{os.getpid()}"
+    objs = [f"{tmp}.{i}.o" for i in range(len(cpps))]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        runs = list(pool.map(lambda co: subprocess.run([cxx] + flags + ["-c", co[0], "-o", co[1]],
+                                                       capture_output=True, text=True), zip(cpps, objs)))
+    assert all(r.returncode == 0 for r in runs), "emulator build failed:\n" + "".join(r.stderr for r in runs)[-4000:]
+    r = subprocess.run([cxx, "-shared"] + objs + ["-o", tmp + ".so"], capture_output=True, text=True)
+    assert r.returncode == 0, "emulator link failed:\n" + r.stderr[-4000:]
+    for o in objs:
+        os.remove(o)
+    os.replace(tmp + ".so", out)
     return out
 
 
 class EmuArgs(ctypes.Structure):
     _fields_ = (
         [(n, ctypes.c_int32) for n in ("dtype", "head_dim", "deterministic", "narrow", "policy", "causal",
-                                        "q_start_default", "pad")]
+                                        "q_start_default", "max_grid_z")]
         + [("seed", ctypes.c_uint64)]
         + [(n, ctypes.c_void_p) for n in ("q", "k", "v", "out", "lse", "dout", "dlse", "dq", "dk", "dv", "dsink",
                                           "workspace")]
@@ -117,8 +144,16 @@ class EmuArgs(ctypes.Structure):
 
 
 @pytest.fixture(scope="module")
+def emu_fwd_lib():
+    lib = ctypes.CDLL(_build("fwd"))
+    lib.emu_flash_fwd.argtypes = [ctypes.POINTER(EmuArgs), ctypes.c_char_p, ctypes.c_int]
+    lib.emu_flash_fwd.restype = ctypes.c_int
+    return lib
+
+
+@pytest.fixture(scope="module")
 def emu_lib():
-    lib = ctypes.CDLL(_build())
+    lib = ctypes.CDLL(_build("bwd"))
     lib.emu_flash_bwd.argtypes = [ctypes.POINTER(EmuArgs), ctypes.c_char_p, ctypes.c_int]
     lib.emu_flash_bwd.restype = ctypes.c_int
     lib.emu_flash_bwd_workspace.argtypes = [ctypes.POINTER(EmuArgs)]
@@ -152,34 +187,84 @@ def _storage_range(t):
     return [s.data_ptr(), s.nbytes()]
 
 
-def run_case(lib, *, dtype=torch.float16, D=64, B=1, Lq=70, Lk=90, Hq=2, Hkv=1, causal=False, window=None,
-             sinks=0, softcap=0.0, alibi=False, sink_logits=False, logn_base=None, q_start=None, k_start=0,
-             cu_q=None, cu_k=None, layout="bshd", dlse=False, deterministic=False, narrow=False,
-             policy=0, seed=0, scale=None):
-    from longattn.reference import alibi_slopes, attention_ref
-
-    g = torch.Generator().manual_seed(1000 + seed)
-    varlen = cu_q is not None
+def _make_inputs(g, dtype, D, B, Lq, Lk, Hq, Hkv, layout, cu_q, cu_k, alibi, sink_logits, **options):
+    """q, k, v in the given memory layout, ALiBi slopes, sink logits, and the keyword arguments
+    of attention_ref (options: the mask and logit options, plus the cu_seqlens tensors).
+    layout: "bshd" contiguous; "bhsd" a transposed view of (B, H, L, D); "dilated" every second
+    row of a tensor twice as long (rows 1, 3, ...: the last row is the storage's last), as
+    dilated attention passes them."""
+    from longattn.reference import alibi_slopes
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    if varlen:
-        Tq, Tk = cu_q[-1], cu_k[-1]
-        q, k, v = rnd(Tq, Hq, D), rnd(Tk, Hkv, D), rnd(Tk, Hkv, D)
-    elif layout == "bhsd":
-        q = rnd(B, Hq, Lq, D).transpose(1, 2)
-        k = rnd(B, Hkv, Lk, D).transpose(1, 2)
-        v = rnd(B, Hkv, Lk, D).transpose(1, 2)
+    def seq(lead, L, H):
+        if layout == "bhsd":
+            return rnd(*lead, H, L, D).transpose(-3, -2)
+        if layout == "dilated":
+            return rnd(*lead, 2 * L, H, D)[..., 1::2, :, :]
+        return rnd(*lead, L, H, D)
+
+    if cu_q is not None:
+        q, k, v = seq((), cu_q[-1], Hq), seq((), cu_k[-1], Hkv), seq((), cu_k[-1], Hkv)
     else:
-        q, k, v = rnd(B, Lq, Hq, D), rnd(B, Lk, Hkv, D), rnd(B, Lk, Hkv, D)
+        q, k, v = seq((B,), Lq, Hq), seq((B,), Lk, Hkv), seq((B,), Lk, Hkv)
     slopes = alibi_slopes(Hq).float() if alibi else None
     zsink = (torch.randn(Hq, generator=g) + 1.0).float() if sink_logits else None
-    cu_q_t = torch.tensor(cu_q, dtype=torch.int32) if varlen else None
-    cu_k_t = torch.tensor(cu_k, dtype=torch.int32) if varlen else None
-    kw = dict(causal=causal, window=window, sinks=sinks, softcap=softcap, alibi_slopes=slopes,
-              logn_base=logn_base, q_start=q_start, k_start=k_start, cu_seqlens_q=cu_q_t,
-              cu_seqlens_k=cu_k_t, scale=scale)
+    cu_q_t = torch.tensor(cu_q, dtype=torch.int32) if cu_q is not None else None
+    cu_k_t = torch.tensor(cu_k, dtype=torch.int32) if cu_q is not None else None
+    kw = dict(alibi_slopes=slopes, cu_seqlens_q=cu_q_t, cu_seqlens_k=cu_k_t, **options)
+    return q, k, v, slopes, zsink, kw
+
+
+def _problem_args(*, dtype, D, policy, seed, q, k, v, B, Lq, Lk, Hq, Hkv, zsink, inputs, causal, window, sinks,
+                  scale, softcap, alibi_slopes, logn_base, q_start, k_start, cu_seqlens_q, cu_seqlens_k):
+    """EmuArgs with the problem (inputs, shapes, mask, logits) filled in; the caller adds the
+    outputs. inputs: further tensors the kernels may read with cp.async (None ignored)."""
+    cu_q, cu_k, slopes = cu_seqlens_q, cu_seqlens_k, alibi_slopes
+    a = EmuArgs()
+    a.dtype = 0 if dtype == torch.float16 else 1
+    a.head_dim, a.policy = D, policy
+    a.causal, a.q_start_default, a.seed = int(causal), int(q_start is None), 77 + seed
+    a.q, a.k, a.v = _ptr(q), _ptr(k), _ptr(v)
+    varlen = cu_q is not None
+    for name, t in (("q_strides", q), ("k_strides", k), ("v_strides", v)):
+        st = (0,) + tuple(t.stride()[:2]) if varlen else tuple(t.stride()[:3])
+        getattr(a, name)[:] = st
+    if varlen:
+        lq, lk = (c[1:] - c[:-1] for c in (cu_q.long(), cu_k.long()))
+        a.batch = len(cu_q) - 1
+        a.seqlen_q = int(lq.max()) if a.batch else 0
+        a.seqlen_k = int(lk.max()) if a.batch else 0
+        a.total_q = int(cu_q[-1])
+        a.cu_q, a.cu_k = _ptr(cu_q), _ptr(cu_k)
+    else:
+        a.batch, a.seqlen_q, a.seqlen_k, a.total_q = B, Lq, Lk, B * Lq
+    a.heads_q, a.heads_kv = Hq, Hkv
+    a.alibi, a.sink_logits = _ptr(slopes), _ptr(zsink)
+    left, right = (None, None) if window is None else window
+    a.left = _UNBOUNDED if left is None else left
+    a.right = _UNBOUNDED if right is None else right
+    a.sinks, a.k_start, a.q_start = sinks, k_start, 0 if q_start is None else q_start
+    a.scale = 1.0 / math.sqrt(D) if scale is None else scale
+    a.softcap = softcap
+    a.inv_log_logn_base = 1.0 / math.log(logn_base) if logn_base else 0.0
+    readable = [x for x in [q, k, v, slopes, zsink, cu_q, cu_k] + inputs if x is not None]
+    a._ranges = torch.tensor(sum((_storage_range(x) for x in readable), []), dtype=torch.int64)
+    a.n_ranges, a.ranges = len(readable), a._ranges.data_ptr()
+    return a
+
+
+def run_case(lib, *, dtype=torch.float16, D=64, B=1, Lq=70, Lk=90, Hq=2, Hkv=1, causal=False, window=None,
+             sinks=0, softcap=0.0, alibi=False, sink_logits=False, logn_base=None, q_start=None, k_start=0,
+             cu_q=None, cu_k=None, layout="bshd", dlse=False, deterministic=False, narrow=False,
+             policy=0, seed=0, scale=None):
+    from longattn.reference import attention_ref
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    q, k, v, slopes, zsink, kw = _make_inputs(g, dtype, D, B, Lq, Lk, Hq, Hkv, layout, cu_q, cu_k, alibi, sink_logits,
+                                              causal=causal, window=window, sinks=sinks, softcap=softcap,
+                                              logn_base=logn_base, q_start=q_start, k_start=k_start, scale=scale)
 
     # float64 truth (and the forward's out / lse the kernel receives).
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -211,39 +296,14 @@ def run_case(lib, *, dtype=torch.float16, D=64, B=1, Lq=70, Lk=90, Hq=2, Hkv=1, 
     dv = Guarded(k.shape, dtype)
     ds = Guarded((Hq,), torch.float32) if sink_logits else None
 
-    a = EmuArgs()
-    a.dtype = 0 if dtype == torch.float16 else 1
-    a.head_dim, a.deterministic, a.narrow, a.policy = D, int(deterministic), int(narrow), policy
-    a.causal, a.q_start_default, a.seed = int(causal), int(q_start is None), 77 + seed
-    a.q, a.k, a.v, a.out, a.lse, a.dout = (_ptr(x) for x in (q, k, v, out, lse, dout))
-    a.dlse = _ptr(dl)
+    a = _problem_args(dtype=dtype, D=D, policy=policy, seed=seed, q=q, k=k, v=v, B=B, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv,
+                      zsink=zsink, inputs=[out, lse, dout, dl], **kw)
+    a.deterministic, a.narrow = int(deterministic), int(narrow)
+    a.out, a.lse, a.dout, a.dlse = _ptr(out), _ptr(lse), _ptr(dout), _ptr(dl)
     a.dq, a.dk, a.dv = _ptr(dq.t), _ptr(dk.t), _ptr(dv.t)
     a.dsink = _ptr(ds.t) if ds is not None else None
-    for name, t in (("q_strides", q), ("k_strides", k), ("v_strides", v)):
-        st = (0,) + tuple(t.stride()[:2]) if varlen else tuple(t.stride()[:3])
-        getattr(a, name)[:] = st
-    if varlen:
-        a.batch = len(cu_q) - 1
-        a.seqlen_q = max(cu_q[i + 1] - cu_q[i] for i in range(a.batch))
-        a.seqlen_k = max(cu_k[i + 1] - cu_k[i] for i in range(a.batch))
-        a.total_q = cu_q[-1]
-        a.cu_q, a.cu_k = _ptr(cu_q_t), _ptr(cu_k_t)
-    else:
-        a.batch, a.seqlen_q, a.seqlen_k, a.total_q = B, Lq, Lk, B * Lq
-    a.heads_q, a.heads_kv = Hq, Hkv
-    a.alibi, a.sink_logits = _ptr(slopes), _ptr(zsink)
-    left, right = (None, None) if window is None else window
-    a.left = _UNBOUNDED if left is None else left
-    a.right = _UNBOUNDED if right is None else right
-    a.sinks, a.k_start, a.q_start = sinks, k_start, 0 if q_start is None else q_start
-    a.scale = 1.0 / math.sqrt(D) if scale is None else scale
-    a.softcap = softcap
-    a.inv_log_logn_base = 1.0 / math.log(logn_base) if logn_base else 0.0
     ws = torch.zeros(lib.emu_flash_bwd_workspace(ctypes.byref(a)) // 4 + 1, dtype=torch.float32)
     a.workspace, a.workspace_bytes = ws.data_ptr(), ws.numel() * 4
-    inputs = [q, k, v, out, lse, dout] + [x for x in (dl, slopes, zsink, cu_q_t, cu_k_t) if x is not None]
-    ranges = torch.tensor(sum((_storage_range(x) for x in inputs), []), dtype=torch.int64)
-    a.n_ranges, a.ranges = len(inputs), ranges.data_ptr()
 
     err = ctypes.create_string_buffer(512)
     rc = lib.emu_flash_bwd(ctypes.byref(a), err, 512)
@@ -257,6 +317,42 @@ def run_case(lib, *, dtype=torch.float16, D=64, B=1, Lq=70, Lk=90, Hq=2, Hkv=1, 
         l = torch.zeros_like(o.t) if l is None else l
         assert_close_rule(o.t, r, l, factor=3.0, name=name)
     return [o.t.clone() for o in outs]
+
+
+def run_fwd_case(lib, *, dtype=torch.float16, D=64, B=1, Lq=70, Lk=90, Hq=2, Hkv=1, causal=False, window=None,
+                 sinks=0, softcap=0.0, alibi=False, sink_logits=False, logn_base=None, q_start=None, k_start=0,
+                 cu_q=None, cu_k=None, layout="bshd", max_grid_z=0, policy=5, seed=0, scale=None):
+    """The emulated forward against the float64 reference: out (factor 2 over plain PyTorch in
+    the kernel's dtype) and lse; outputs between NaN guard bands (no write out of bounds, no
+    element left unwritten); rows without a visible key exactly out 0, lse -inf (or the sink
+    logit)."""
+    from longattn.reference import attention_ref
+
+    g = torch.Generator().manual_seed(2000 + seed)
+    q, k, v, slopes, zsink, kw = _make_inputs(g, dtype, D, B, Lq, Lk, Hq, Hkv, layout, cu_q, cu_k, alibi, sink_logits,
+                                              causal=causal, window=window, sinks=sinks, softcap=softcap,
+                                              logn_base=logn_base, q_start=q_start, k_start=k_start, scale=scale)
+    out64, lse64 = attention_ref(q, k, v, sink_logits=zsink, upcast=True, **kw)
+    outl, lsel = attention_ref(q, k, v, sink_logits=zsink, upcast=False, **kw)
+
+    out = Guarded(out64.shape, dtype)
+    lse = Guarded(lse64.shape, torch.float32)
+    a = _problem_args(dtype=dtype, D=D, policy=policy, seed=seed, q=q, k=k, v=v, B=B, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv,
+                      zsink=zsink, inputs=[], **kw)
+    a.out, a.lse, a.max_grid_z = _ptr(out.t), _ptr(lse.t), max_grid_z
+    err = ctypes.create_string_buffer(512)
+    rc = lib.emu_flash_fwd(ctypes.byref(a), err, 512)
+    assert rc == 0, err.value.decode()
+
+    out.check("out")
+    lse.check("lse")
+    # Rows that see nothing: exactly 0 (assert_close_rule checks lse's infinities exactly).
+    lse_keys = lse64 if zsink is None else attention_ref(q, k, v, upcast=True, **kw)[1]
+    empty = torch.isinf(lse_keys).transpose(-1, -2).unsqueeze(-1).expand(out.t.shape)
+    assert (out.t[empty] == 0).all(), "out: rows without a visible key are not 0"
+    assert_close_rule(out.t, out64, outl, factor=2.0, name="out")
+    assert_close_rule(lse.t, lse64, lsel, factor=2.0, name="lse")
+    return out.t.clone(), lse.t.clone()
 
 
 # Sizes give every CTA at least three tiles (Q double buffer of the dK/dV kernel) and every
@@ -277,8 +373,120 @@ CASES = {
 }
 
 
-# Each case once, the two dQ modes alternating; LONGATTN_FLASH_EMU=full runs every case in both.
 _FULL = os.environ.get("LONGATTN_FLASH_EMU") == "full"
+
+
+# Forward cases (hd64 fp16 unless given). Query tiles are 128 rows, key tiles 128 keys (hd64) or
+# 64 (hd128): lengths cut the last tiles short, and most cases have several tiles both ways.
+FWD_CASES = {
+    "causal_gqa": dict(causal=True, Hq=2, Hkv=1, Lq=300, Lk=300),
+    "noncausal_lq_ne_lk": dict(Lq=150, Lk=333, scale=0.6),  # large logits: the running max moves
+    "decode": dict(causal=True, Lq=1, Lk=300, Hq=4, Hkv=1),
+    "window_left": dict(causal=True, window=(100, 0), Lq=400, Lk=400),
+    "window_two_sided": dict(window=(130, 70), Lq=200, Lk=410),
+    "lambda": dict(causal=True, window=(140, 0), sinks=5, Lq=420, Lk=420),
+    "positions": dict(causal=True, window=(250, 10), q_start=300, k_start=260, Lq=140, Lk=400),
+    # Sink keys past k_start, and queries before the first key (negative q_start: no key).
+    "positions_sinks": dict(causal=True, window=(40, 0), sinks=290, q_start=-60, k_start=250, Lq=400, Lk=140),
+    # The first 50 rows see no key: out 0, lse -inf.
+    "empty_rows": dict(window=(None, -150), Lq=200, Lk=300),
+    # Rows with only the sink logit: out 0, lse z.
+    "sink_logits": dict(window=(None, -150), sink_logits=True, Lq=200, Lk=300),
+    "softcap_alibi_logn": dict(causal=True, softcap=5.0, alibi=True, logn_base=16.0, Hq=3, Hkv=1, Lq=150, Lk=400),
+    "alibi_window": dict(causal=True, alibi=True, window=(90, 0), sinks=3, Lq=270, Lk=270),
+    "logn_scale": dict(causal=True, logn_base=8.0, scale=0.3, Lq=140, Lk=300),
+    "strided_bhsd_bf16": dict(dtype=torch.bfloat16, layout="bhsd", B=2, Lq=150, Lk=270, causal=True),
+    "dilated_view": dict(layout="dilated", B=2, Lq=133, Lk=200, causal=True, window=(60, 0)),
+    # Sequences of 5 and 10 queries (< 16), one with no queries, one with queries but no keys.
+    "varlen": dict(cu_q=[0, 5, 5, 140, 150, 290], cu_k=[0, 7, 20, 20, 160, 300], causal=True, Hq=2, Hkv=2),
+    # 5 sequences on a grid of z = 2: folded into 3 chunks of x, the last half empty.
+    "varlen_folded": dict(cu_q=[0, 3, 133, 140, 160, 300], cu_k=[0, 9, 150, 150, 170, 320], max_grid_z=2,
+                          layout="dilated", window=(40, 40)),
+    "hd128": dict(D=128, causal=True, Hq=2, Hkv=1, Lq=260, Lk=290),
+    "hd128_bf16_softcap_lambda": dict(D=128, dtype=torch.bfloat16, softcap=8.0, causal=True, window=(100, 0),
+                                      sinks=4, Lq=200, Lk=230),
+    "hd128_varlen_alibi": dict(D=128, alibi=True, cu_q=[0, 12, 150], cu_k=[0, 0, 170], causal=True, Hq=2, Hkv=1),
+}
+# The default run (make test): every instantiation and feature once, in about a minute.
+_FWD_DEFAULT = ["causal_gqa", "lambda", "sink_logits", "softcap_alibi_logn", "dilated_view", "varlen",
+                "varlen_folded", "hd128", "hd128_bf16_softcap_lambda"]
+
+
+def _fwd_params():
+    """LONGATTN_FLASH_EMU=full: every case in both dtypes and both head dims, the schedule
+    policy (5: one warp ahead, copies land at random; 1: copies land at the wait; 6: random
+    fibers, copies land at random) cycling."""
+    if not _FULL:
+        return [pytest.param(n, {}, id=n) for n in _FWD_DEFAULT]
+    out = []
+    for i, (n, c) in enumerate(FWD_CASES.items()):
+        for j, (D, dt) in enumerate([(64, torch.float16), (64, torch.bfloat16), (128, torch.float16),
+                                     (128, torch.bfloat16)]):
+            policy = (5, 1, 6)[(i + j) % 3]
+            extra = dict(D=D, dtype=dt, policy=policy, seed=j)
+            out.append(pytest.param(n, extra, id=f"{n}-hd{D}-{str(dt)[6:]}-p{policy}"))
+    return out
+
+
+@pytest.mark.parametrize("name,extra", _fwd_params())
+def test_flash_fwd_emulated(emu_fwd_lib, name, extra):
+    run_fwd_case(emu_fwd_lib, **{**FWD_CASES[name], **extra})
+
+
+def _random_fwd_case(seed):
+    """A random valid forward problem: lengths from 1 to ~300 (varlen with empty sequences
+    too), masks, positions, logit options, layouts, schedules."""
+    import random
+
+    rng = random.Random(seed)
+    c = dict(D=rng.choice([64, 128]), dtype=rng.choice([torch.float16, torch.bfloat16]), seed=seed,
+             policy=rng.choice([0, 1, 5, 6]), layout=rng.choice(["bshd", "bhsd", "dilated"]))
+    c["Hkv"] = rng.choice([1, 2])
+    c["Hq"] = c["Hkv"] * rng.choice([1, 2, 3])
+    c["causal"] = rng.random() < 0.6
+    if rng.random() < 0.6:
+        left, right = rng.choice([None, rng.randint(0, 200)]), rng.choice([None, rng.randint(-60, 150)])
+        if left is not None and right is not None and left + right < 0:
+            right = -left  # the API rejects empty windows
+        c["window"] = (left, right)
+    if rng.random() < 0.3:
+        c["sinks"] = rng.randint(0, 40)
+    if rng.random() < 0.3:
+        c["q_start"], c["k_start"] = rng.randint(-100, 400), rng.randint(0, 300)
+    if rng.random() < 0.25:
+        c["softcap"] = rng.choice([2.0, 10.0])
+    c["alibi"] = rng.random() < 0.25
+    c["sink_logits"] = rng.random() < 0.25
+    if rng.random() < 0.2:
+        c["logn_base"] = rng.choice([4.0, 64.0])
+    if rng.random() < 0.2:
+        c["scale"] = rng.choice([0.05, 0.6])
+
+    def length(hi):
+        return rng.choice([1, rng.randint(1, 20), rng.randint(1, hi)])
+
+    if rng.random() < 0.35:
+        n = rng.randint(1, 4)
+        lq = [rng.choice([0, length(260)]) for _ in range(n)]
+        lk = [rng.choice([0, length(300)]) for _ in range(n)]
+        lq[0], lk[-1] = max(lq[0], 1), max(lk[-1], 1)
+        c["cu_q"] = [sum(lq[:i]) for i in range(n + 1)]
+        c["cu_k"] = [sum(lk[:i]) for i in range(n + 1)]
+        c["max_grid_z"] = rng.choice([0, 1, 2])
+    else:
+        c.update(B=rng.choice([1, 2]), Lq=length(300), Lk=length(330))
+    return c
+
+
+_FWD_RANDOM = list(range(60)) if _FULL else [pytest.param(0, marks=pytest.mark.skip(reason="LONGATTN_FLASH_EMU=full"))]
+
+
+@pytest.mark.parametrize("seed", _FWD_RANDOM)
+def test_flash_fwd_emulated_random(emu_fwd_lib, seed):
+    run_fwd_case(emu_fwd_lib, **_random_fwd_case(seed))
+
+
+# Each case once, the two dQ modes alternating; LONGATTN_FLASH_EMU=full runs every case in both.
 _HD64 = [(name, det) for i, name in enumerate(CASES) for det in (False, True) if _FULL or det == bool(i % 2)]
 
 

@@ -186,10 +186,10 @@ void check_schedule(int trials) {
 }
 
 int main() {
-  check_layouts<FwdTraits<half_t, 64>>("fp16 hd64");
-  check_layouts<FwdTraits<half_t, 128>>("fp16 hd128");
-  check_layouts<FwdTraits<bfloat16_t, 64>>("bf16 hd64");
-  check_layouts<FwdTraits<bfloat16_t, 128>>("bf16 hd128");
+  check_layouts<FwdTraits<half_t, 64, FlashDeviceOps>>("fp16 hd64");
+  check_layouts<FwdTraits<half_t, 128, FlashDeviceOps>>("fp16 hd128");
+  check_layouts<FwdTraits<bfloat16_t, 64, FlashDeviceOps>>("bf16 hd64");
+  check_layouts<FwdTraits<bfloat16_t, 128, FlashDeviceOps>>("bf16 hd128");
   check_schedule<64>(400);
   check_schedule<128>(400);
   if (failures) {

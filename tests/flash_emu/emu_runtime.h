@@ -5,8 +5,9 @@
 // shared memory). Fibers are scheduled in a seeded random order, optionally letting one warp
 // run far ahead of the others, so a missing __syncthreads shows up as a wrong result.
 //
-// The kernel bodies are compiled unchanged with BwdTraits<..., EmuOps>: only the instruction
-// policy differs from the device build.
+// The kernel bodies are compiled unchanged with FwdTraits<..., EmuOps> / BwdTraits<..., EmuOps>:
+// only the instruction policy (csrc/cuda/attention/flash/device_ops.h) differs from the device
+// build. The scheduler is emu_block.cpp, the drivers emu_flash_fwd.cpp and emu_flash_bwd.cpp.
 #pragma once
 #include <setjmp.h>
 #include <ucontext.h>
@@ -24,7 +25,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
-#include "cuda/attention/flash/bwd_traits.h"
+#include "cuda/attention/flash/device_ops.h"
 
 namespace emu {
 

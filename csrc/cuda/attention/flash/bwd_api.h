@@ -10,7 +10,7 @@ namespace longattn::cuda::flash {
 
 #if defined(__CUDACC__)
 template <typename Elem, int kHeadDim, bool kNarrow = false>
-using DeviceBwdTraits = typename BwdConfig<Elem, kHeadDim, kNarrow, BwdDeviceOps>::Traits;
+using DeviceBwdTraits = typename BwdConfig<Elem, kHeadDim, kNarrow, FlashDeviceOps>::Traits;
 #endif
 
 template <class Kt>

@@ -4,7 +4,7 @@
 //   hd64:  88 KB smem (dK/dV kernel), 80 KB (dQ kernel): fits every SM80+ part.
 //   hd128: 144 KB and 144 KB: A100 (164 KB) and H100/H200 (227 KB).
 // Narrow (hd128 only): 64 x 64 keys, 96 KB / 88 KB, for SM86/SM89 parts (99 KB per block).
-// Ops: BwdDeviceOps on the GPU, the emulator's ops in tests/flash_emu.
+// Ops: FlashDeviceOps on the GPU, the emulator's ops in tests/flash_emu.
 #pragma once
 #include <cutlass/numeric_types.h>
 

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
 
 template <typename Elem, int kHeadDim>
 __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const __grid_constant__ BwdParams bp) {
-  DeltaKernel<BwdDeviceOps, Elem, kHeadDim>::run(bp, blockIdx.x, threadIdx.x);
+  DeltaKernel<FlashDeviceOps, Elem, kHeadDim>::run(bp, blockIdx.x, threadIdx.x);
 }
 
 template <class Ops>
@@ -70,11 +70,11 @@ cudaError_t run_flash_bwd(const AttentionParams& p, const AttentionGrads& g, cud
     return dim3(static_cast<unsigned>(g3.x), static_cast<unsigned>(g3.y), static_cast<unsigned>(g3.z));
   };
   if (!plan.delta.empty()) {
-    flash_bwd_delta_kernel<Elem, D><<<dim(plan.delta), DeltaKernel<BwdDeviceOps, Elem, D>::kThreads, 0, stream>>>(bp);
+    flash_bwd_delta_kernel<Elem, D><<<dim(plan.delta), DeltaKernel<FlashDeviceOps, Elem, D>::kThreads, 0, stream>>>(bp);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (!plan.dsink.empty()) {
-    flash_bwd_dsink_kernel<BwdDeviceOps><<<dim(plan.dsink), DsinkKernel<BwdDeviceOps>::kThreads, 0, stream>>>(bp);
+    flash_bwd_dsink_kernel<FlashDeviceOps><<<dim(plan.dsink), DsinkKernel<FlashDeviceOps>::kThreads, 0, stream>>>(bp);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (!plan.dkdv.empty()) {

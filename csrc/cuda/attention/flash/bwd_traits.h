@@ -1,42 +1,19 @@
 // Compile-time shape of the flash attention backward: tile sizes, warp layouts of the three
 // tensor-core GEMM families, shared-memory layouts and copy atoms.
 //
-// Ops is the instruction policy. BwdDeviceOps (below) is what the GPU runs: mma.sync m16n8k16,
-// ldmatrix (plain and transposed), cp.async, __syncthreads, atomicAdd, shuffles. A host
-// emulator (tests/flash_emu) substitutes warp-collective emulations of the same instructions,
-// so the kernel bodies are the same code on both.
+// Ops is the instruction policy (device_ops.h): FlashDeviceOps on the GPU, the host emulator's
+// in tests/flash_emu.
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
 #include <type_traits>
 
+#include "cuda/attention/flash/device_ops.h"
+
 namespace longattn::cuda::flash {
 
 using namespace cute;
-
-template <typename Elem>
-using Sm80MmaF32 = std::conditional_t<std::is_same_v<Elem, cutlass::half_t>, SM80_16x8x16_F32F16F16F32_TN,
-                                      SM80_16x8x16_F32BF16BF16F32_TN>;
-
-#if defined(__CUDACC__)
-struct BwdDeviceOps {
-  template <typename Elem>
-  using Mma = Sm80MmaF32<Elem>;
-  using LdsmN = SM75_U32x4_LDSM_N;   // 8x8 b16 matrices, row-major source
-  using LdsmT = SM75_U16x8_LDSM_T;   // the same, transposed on the way into registers
-  using CpAsync = SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>;  // 16 bytes, L2 only
-
-  static __device__ __forceinline__ void sync() { __syncthreads(); }
-  static __device__ __forceinline__ void cp_async_fence() { cute::cp_async_fence(); }
-  template <int N>
-  static __device__ __forceinline__ void cp_async_wait() { cute::cp_async_wait<N>(); }
-  static __device__ __forceinline__ void atomic_add(float* dst, float v) { atomicAdd(dst, v); }
-  static __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
-    return __shfl_xor_sync(0xffffffffu, v, lane_mask);
-  }
-};
-#endif
 
 // kBlockM query rows x kBlockN keys per tile; kHeadDim the (exact) head dim.
 // kAtomM* give how the warps split the M mode of each GEMM family:

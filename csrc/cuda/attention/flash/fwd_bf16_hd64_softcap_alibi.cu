@@ -5,7 +5,7 @@
 namespace longattn::cuda::flash {
 
 cudaError_t flash_fwd_bf16_hd64_softcap_alibi(const AttentionParams& p, cudaStream_t stream) {
-  return launch_flash_fwd<FwdTraits<cute::bfloat16_t, 64>, false>(p, stream);
+  return launch_flash_fwd<DeviceFwdTraits<cute::bfloat16_t, 64>, false>(p, stream);
 }
 
 }  // namespace longattn::cuda::flash

@@ -5,7 +5,7 @@
 namespace longattn::cuda::flash {
 
 cudaError_t flash_fwd_fp16_hd128_softcap_alibi(const AttentionParams& p, cudaStream_t stream) {
-  return launch_flash_fwd<FwdTraits<cute::half_t, 128>, false>(p, stream);
+  return launch_flash_fwd<DeviceFwdTraits<cute::half_t, 128>, false>(p, stream);
 }
 
 }  // namespace longattn::cuda::flash

@@ -89,17 +89,19 @@ __device__ __forceinline__ void load_tile_rows(const TiledCopy& tiled_copy, cons
   }
 }
 
-// One CTA's work: query tile m_block of q head h in sequence b. kPlainLogits: see
-// flash_fwd_kernel.
+// One CTA's work: query tile m_block of q head h in sequence b, as thread `thread` of the CTA
+// (fwd_launch.h's kernel, or the host emulator). kPlainLogits: ScoreParams::plain() (no
+// softcap, no ALiBi), the common case; the other instantiation carries the logit transform,
+// whose registers would otherwise cost the plain path spills.
 template <class Tr, bool kPlainLogits>
 __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int m_block, int64_t h,
-                                                   int64_t b, unsigned char* smem_raw) {
+                                                   int64_t b, unsigned char* smem_raw, int thread) {
   using namespace cute;
   using Element = typename Tr::Element;
+  using Ops = typename Tr::Ops;
   constexpr int kBlockM = Tr::kBlockM;
   constexpr int kBlockN = Tr::kBlockN;
   constexpr int kHeadDim = Tr::kHeadDim;
-  const int thread = static_cast<int>(threadIdx.x);
 
   const SeqInfo si = seq_info(p, b);
   const int64_t i0 = static_cast<int64_t>(m_block) * kBlockM;
@@ -186,18 +188,18 @@ __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int
     // The CPU kernel's row scale: scale * logn(p) in double, rounded once to fp32.
     row_scale[mi] = static_cast<float>(sp.scale * logn_factor(pos, sp.inv_log_logn_base));
   }
-  OnlineSoftmax<kRows> softmax(row_scale, kPlainLogits);
+  OnlineSoftmax<kRows, Ops> softmax(row_scale, kPlainLogits);
 
   // ---- prologue: Q and the first visible K tile ----
   load_tile_rows(gmem_load, tQg, tQs, tQc, nq);
-  cp_async_fence();
+  Ops::cp_async_fence();
   int t = tiles.next_visible(mask, 0);
   if (t < tiles.count) {
     int j0, nk;
     tiles.at(t, &j0, &nk);
     load_k(j0, nk);
   }
-  cp_async_fence();
+  Ops::cp_async_fence();
 
   // ---- main loop over visible key tiles ----
   while (t < tiles.count) {
@@ -206,10 +208,10 @@ __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int
     const TileKind kind = tiles.kind(mask, j0, nk);
     const int64_t s0 = mask.k_start + j0;
 
-    cp_async_wait<0>();
-    __syncthreads();  // K_t (and Q) landed for all threads; everyone is done with V_{t-1}
+    Ops::template cp_async_wait<0>();
+    Ops::sync();  // K_t (and Q) landed for all threads; everyone is done with V_{t-1}
     load_v(j0, nk);
-    cp_async_fence();
+    Ops::cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
@@ -223,15 +225,15 @@ __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int
       mask_scores(s_rc, coord_s_rc, TileMask(mask, p0, s0, nk));
     }
 
-    cp_async_wait<0>();
-    __syncthreads();  // V_t landed for all threads; everyone is done reading K_t
+    Ops::template cp_async_wait<0>();
+    Ops::sync();  // V_t landed for all threads; everyone is done reading K_t
     const int t_next = tiles.next_visible(mask, t + 1);
     if (t_next < tiles.count) {
       int j0_next, nk_next;
       tiles.at(t_next, &j0_next, &nk_next);
       load_k(j0_next, nk_next);
     }
-    cp_async_fence();
+    Ops::cp_async_fence();
 
     softmax.update(s_rc, acc_o_rc);
     Tensor probs = convert_fragment<Element>(acc_s);
@@ -261,10 +263,10 @@ __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int
   auto sthr_o = copy_o.get_thread_slice(thread);
   Tensor out16_src = sthr_o.retile_S(out16);
   Tensor out16_dst = sthr_o.partition_D(sO);
-  cp_async_wait<0>();
-  __syncthreads();  // no copy into Q's buffer in flight (no visible tile: Q was never waited)
+  Ops::template cp_async_wait<0>();
+  Ops::sync();  // no copy into Q's buffer in flight (no visible tile: Q was never waited)
   copy(copy_o, out16_src, out16_dst);
-  __syncthreads();
+  Ops::sync();
 
   const int64_t out_row_stride = p.heads_q * kHeadDim;
   Element* o_ptr = static_cast<Element*>(p.out) + out_offset(p, si, b, h) + i0 * out_row_stride;
@@ -282,24 +284,6 @@ __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int
       for (int k = 0; k < size<2>(tOg); ++k) copy(gmem_store, tOs(_, m, k), tOg(_, m, k));
     }
   }
-}
-
-// Grid: (query tiles x sequence chunks, q heads, min(sequences, 65535)). Sequences past the z
-// limit (many short varlen sequences) go to further chunks of x: b = z + gridDim.z * chunk.
-// kPlainLogits: ScoreParams::plain() (no softcap, no ALiBi), the common case; the other
-// instantiation carries the logit transform, whose registers would otherwise cost the plain
-// path spills.
-template <class Tr, bool kPlainLogits>
-__global__ void __launch_bounds__(Tr::kNThreads, 1)
-    flash_fwd_kernel(const __grid_constant__ AttentionParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const unsigned m_blocks = static_cast<unsigned>(ceil_div(p.seqlen_q, Tr::kBlockM));
-  const unsigned chunk = blockIdx.x / m_blocks;
-  // Reverse order: under causal masks the last query tiles see the most keys; start them first.
-  const int m_block = static_cast<int>(m_blocks - 1 - (blockIdx.x - chunk * m_blocks));
-  const int64_t b = blockIdx.z + static_cast<int64_t>(gridDim.z) * chunk;
-  if (b >= p.batch) return;
-  forward_query_tile<Tr, kPlainLogits>(p, m_block, blockIdx.y, b, smem_raw);
 }
 
 }  // namespace longattn::cuda::flash

@@ -13,7 +13,8 @@
 
 namespace longattn::cuda::flash {
 
-template <int kRows>
+// Ops: the instruction policy (device_ops.h) for the quad shuffles.
+template <int kRows, class Ops>
 struct OnlineSoftmax {
   float row_max[kRows];  // running max in score units, -inf while nothing is visible
   float row_sum[kRows];  // this lane's share of sum exp(logit - max); quad-reduced at the end
@@ -46,7 +47,7 @@ struct OnlineSoftmax {
       float mx = row_max[mi];
 #pragma unroll
       for (int ni = 0; ni < size<1>(s); ++ni) mx = fmaxf(mx, s(mi, ni));
-      mx = quad_max(mx);
+      mx = quad_max<Ops>(mx);
       const float u = unit(mi) * kLog2e;
       // A row with nothing visible yet keeps max -inf and contributes zeros (exp2(-inf) = 0).
       const float alpha = row_max[mi] == -INFINITY ? 0.f : exp2f((row_max[mi] - mx) * u);
@@ -72,7 +73,7 @@ struct OnlineSoftmax {
     using namespace cute;
 #pragma unroll
     for (int mi = 0; mi < kRows; ++mi) {
-      float l = quad_sum(row_sum[mi]);
+      float l = quad_sum<Ops>(row_sum[mi]);
       float m = row_max[mi] == -INFINITY ? -INFINITY : row_max[mi] * unit(mi);
       float keep = 1.f;  // rescale of the accumulated output when the sink raises the max
       if (sink != -INFINITY) {

@@ -1,18 +1,25 @@
 // Compile-time shape of the tensor-core forward kernel for one (element type, head dim):
 // tile sizes, the warp tiling of mma.sync, shared-memory layouts and the copy atoms that move
 // data between global memory, shared memory and registers.
+//
+// Ops is the instruction policy (device_ops.h): FlashDeviceOps on the GPU, the host emulator's
+// in tests/flash_emu; it supplies the MMA, ldmatrix and cp.async atoms and the kernel body's
+// barriers, cp.async commit / wait and shuffles.
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
 #include <type_traits>
 
+#include "cuda/attention/flash/device_ops.h"
+
 namespace longattn::cuda::flash {
 
 // Element: cute::half_t or cute::bfloat16_t.
-template <typename Element_, int kHeadDim_>
+template <typename Element_, int kHeadDim_, class Ops_>
 struct FwdTraits {
   using Element = Element_;
+  using Ops = Ops_;
   static_assert(std::is_same_v<Element, cute::half_t> || std::is_same_v<Element, cute::bfloat16_t>);
 
   static constexpr int kHeadDim = kHeadDim_;
@@ -26,9 +33,7 @@ struct FwdTraits {
   static constexpr int kNThreads = kNWarps * 32;
 
   // Warps stacked along M; the N extent 16 lets one ldmatrix.x4 feed two n8 MMAs.
-  using MmaOp = std::conditional_t<std::is_same_v<Element, cute::half_t>,
-                                   cute::SM80_16x8x16_F32F16F16F32_TN,
-                                   cute::SM80_16x8x16_F32BF16BF16F32_TN>;
+  using MmaOp = typename Ops::template Mma<Element>;
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaOp>,
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
                                   cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
@@ -52,8 +57,8 @@ struct FwdTraits {
   // The output tile is staged in Q's buffer (same shape) before 16-byte global stores.
   using SmemLayoutO = SmemLayoutQ;
 
-  using SmemCopyQK = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyVt = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+  using SmemCopyQK = cute::Copy_Atom<typename Ops::LdsmN, Element>;
+  using SmemCopyVt = cute::Copy_Atom<typename Ops::LdsmT, Element>;
   using SmemCopyO = cute::Copy_Atom<cute::AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
 
   // Global <-> shared: 16 bytes per thread per access, 8 threads per 64-element row chunk
@@ -64,7 +69,7 @@ struct FwdTraits {
                                    cute::Stride<cute::Int<kThreadsPerRow>, cute::_1>>;
   using GmemValues = cute::Layout<cute::Shape<cute::_1, cute::Int<kElemsPerAccess>>>;
   using GmemLoad = decltype(cute::make_tiled_copy(
-      cute::Copy_Atom<cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemThreads{},
+      cute::Copy_Atom<typename Ops::CpAsync, Element>{}, GmemThreads{},
       GmemValues{}));
   using GmemStore = decltype(cute::make_tiled_copy(
       cute::Copy_Atom<cute::UniversalCopy<cute::uint128_t>, Element>{}, GmemThreads{}, GmemValues{}));

@@ -124,15 +124,18 @@ __device__ __forceinline__ auto convert_fragment(const Tensor& src) {
   return dst;
 }
 
-// The 4 lanes of a quad (lane / 4 equal) hold one accumulator row between them.
+// The 4 lanes of a quad (lane / 4 equal) hold one accumulator row between them. Ops: the
+// instruction policy (device_ops.h) that provides the shuffle.
+template <class Ops>
 __device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = fmaxf(x, Ops::shfl_xor(x, 1));
+  return fmaxf(x, Ops::shfl_xor(x, 2));
 }
 
+template <class Ops>
 __device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+  x += Ops::shfl_xor(x, 1);
+  return x + Ops::shfl_xor(x, 2);
 }
 
 }  // namespace longattn::cuda::flash

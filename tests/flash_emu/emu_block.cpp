@@ -1,0 +1,124 @@
+// The emulator's thread scheduler (emu_runtime.h): a CUDA block's threads as ucontext fibers,
+// switched at every barrier and warp-collective instruction in a seeded random order.
+#include <algorithm>
+
+#include "emu_runtime.h"
+
+namespace emu {
+
+static Block* g_block = nullptr;
+Block& current_block() { return *g_block; }
+
+constexpr size_t kStackBytes = 512 * 1024;
+
+void fiber_entry() {
+  Block& b = *g_block;
+  const int id = b.current_;
+  try {
+    (*b.body_)(id);
+  } catch (const std::exception& e) {
+    if (b.error_.empty()) b.error_ = e.what();
+  }
+  b.fibers_[id].finished = true;
+  _longjmp(b.sched_jb_, 1);
+}
+
+void Block::yield() {
+  Fiber& f = fibers_[current_];
+  if (_setjmp(f.jb) == 0) _longjmp(sched_jb_, 1);
+}
+
+void Block::wait(Barrier& b) {
+  const uint64_t gen = b.gen;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.gen;
+    yield();  // let the scheduler decide who goes first
+    return;
+  }
+  Fiber& f = fibers_[current_];
+  f.wait_on = &b;
+  f.wait_gen = gen;
+  yield();
+  fibers_[current_].wait_on = nullptr;
+}
+
+void Block::sync() {
+  const uint64_t gen = block_barrier_.gen;
+  wait(block_barrier_);
+  (void)gen;
+}
+
+void Block::warp_sync() { wait(warp_barriers_[current_ / 32]); }
+
+void Block::run(int threads, uint64_t seed, int policy, const std::function<void(int)>& body) {
+  if (threads % 32 != 0) fail("block size must be a multiple of 32");
+  fibers_.clear();
+  fibers_.resize(threads);
+  warp_barriers_.assign(threads / 32, Barrier{32, 0, 0});
+  slots_.assign(threads / 32, WarpSlot{});
+  block_barrier_ = Barrier{threads, 0, 0};
+  warp_priority_.resize(threads / 32);
+  for (int w = 0; w < threads / 32; ++w) warp_priority_[w] = w;
+  rng_.seed(seed);
+  std::shuffle(warp_priority_.begin(), warp_priority_.end(), rng_);
+  policy_ = policy;
+  body_ = &body;
+  error_.clear();
+  g_block = this;
+  for (Fiber& f : fibers_) {
+    f.stack.resize(kStackBytes);
+    getcontext(&f.uc);
+    f.uc.uc_stack.ss_sp = f.stack.data();
+    f.uc.uc_stack.ss_size = f.stack.size();
+    f.uc.uc_link = nullptr;
+    makecontext(&f.uc, fiber_entry, 0);
+  }
+  last_block_gen_ = 0;
+  _setjmp(sched_jb_);  // every fiber switch comes back here; only plain locals below
+  const int pick = pick_next();
+  if (pick < 0) {
+    g_block = nullptr;
+    return;
+  }
+  current_ = pick;
+  Fiber& f = fibers_[pick];
+  if (!f.started) {
+    f.started = true;
+    setcontext(&f.uc);
+  }
+  _longjmp(f.jb, 1);
+}
+
+int Block::pick_next() {
+  if (!error_.empty()) fail(error_);
+  if ((policy_ & 1) && block_barrier_.gen != last_block_gen_) {
+    // A new phase between two __syncthreads: a new warp order.
+    last_block_gen_ = block_barrier_.gen;
+    std::shuffle(warp_priority_.begin(), warp_priority_.end(), rng_);
+  }
+  cand_.clear();
+  bool all_done = true;
+  for (int i = 0; i < static_cast<int>(fibers_.size()); ++i) {
+    all_done = all_done && fibers_[i].finished;
+    if (runnable(fibers_[i])) cand_.push_back(i);
+  }
+  if (all_done) return -1;
+  if (cand_.empty()) fail("deadlock: threads wait at barriers that can never complete");
+  if ((policy_ & 1)) {
+    // Only the runnable fibers of the highest-priority warp that has any.
+    for (int w : warp_priority_) {
+      size_t n = 0;
+      for (int i : cand_) {
+        if (i / 32 == w) cand_[n++] = i;
+      }
+      if (n > 0) {
+        cand_.resize(n);
+        break;
+      }
+    }
+  }
+  return cand_[std::uniform_int_distribution<size_t>(0, cand_.size() - 1)(rng_)];
+}
+
+}  // namespace emu

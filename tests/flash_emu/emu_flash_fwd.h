@@ -1,0 +1,48 @@
+// Host emulation of the flash attention forward (csrc/cuda/attention/flash/fwd_*): the same
+// CTA body, grid, CTA -> (query tile, sequence) mapping, shared-memory size and instantiation
+// choice as the CUDA build (fwd_launch.h, fwd_dispatch.cu), run on emulated threads (see
+// emu_runtime.h). One element type per translation unit (emu_flash_fwd_fp16.cpp, _bf16.cpp) so
+// the two compile in parallel; the C entry point is emu_flash_fwd.cpp.
+#pragma once
+#include "emu_host.h"
+
+#include "cuda/attention/flash/fwd_kernel.h"
+#include "cuda/attention/flash/fwd_plan.h"
+#include "cuda/attention/flash/fwd_traits.h"
+
+namespace emu {
+
+template <class Tr, bool kPlainLogits>
+void run_forward(const EmuArgs& a) {
+  using namespace longattn;
+  using namespace longattn::cuda::flash;
+  const AttentionParams p = to_params(a);
+  FwdGrid grid;
+  const int64_t max_z = a.max_grid_z > 0 ? a.max_grid_z : kFwdMaxGridZ;
+  if (fwd_grid<Tr, kPlainLogits>(p, &grid, max_z) != cudaSuccess) fail("fwd_grid rejected the arguments");
+  Launcher launch(a);
+  launch(grid.x, grid.y, grid.z, Tr::kNThreads, Tr::kSmemBytes,
+         [&](int64_t x, int64_t y, int64_t z, int tid, char* smem) {
+           const FwdCta cta = fwd_cta<Tr::kBlockM>(p.seqlen_q, unsigned(x), unsigned(z), unsigned(grid.z));
+           if (cta.b >= p.batch) return;
+           forward_query_tile<Tr, kPlainLogits>(p, cta.m_block, y, cta.b, reinterpret_cast<unsigned char*>(smem),
+                                                tid);
+         });
+}
+
+// fwd_dispatch.cu's choice among the instantiations of one element type (head dim 64 or 128,
+// checked by the caller).
+template <class Elem>
+void forward(const EmuArgs& a) {
+  using longattn::cuda::flash::FwdTraits;
+  const bool plain = to_params(a).score.plain();
+  if (a.head_dim == 64) {
+    return plain ? run_forward<FwdTraits<Elem, 64, EmuOps>, true>(a) : run_forward<FwdTraits<Elem, 64, EmuOps>, false>(a);
+  }
+  return plain ? run_forward<FwdTraits<Elem, 128, EmuOps>, true>(a) : run_forward<FwdTraits<Elem, 128, EmuOps>, false>(a);
+}
+
+extern template void forward<cutlass::half_t>(const EmuArgs&);
+extern template void forward<cutlass::bfloat16_t>(const EmuArgs&);
+
+}  // namespace emu
