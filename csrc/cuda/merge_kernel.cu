@@ -92,23 +92,23 @@ cudaError_t launch(const MergeParams& p, bool backward, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t dispatch(const MergeParams& p, MergeDtype dtype, bool backward, cudaStream_t stream) {
+cudaError_t dispatch(const MergeParams& p, KernelDtype dtype, bool backward, cudaStream_t stream) {
   switch (dtype) {
-    case MergeDtype::kFloat32: return launch<float>(p, backward, stream);
-    case MergeDtype::kFloat64: return launch<double>(p, backward, stream);
-    case MergeDtype::kFloat16: return launch<__half>(p, backward, stream);
-    case MergeDtype::kBFloat16: return launch<__nv_bfloat16>(p, backward, stream);
+    case KernelDtype::kFloat32: return launch<float>(p, backward, stream);
+    case KernelDtype::kFloat64: return launch<double>(p, backward, stream);
+    case KernelDtype::kFloat16: return launch<__half>(p, backward, stream);
+    case KernelDtype::kBFloat16: return launch<__nv_bfloat16>(p, backward, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_merge_forward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream) {
+cudaError_t launch_merge_forward(const MergeParams& p, KernelDtype dtype, cudaStream_t stream) {
   return dispatch(p, dtype, false, stream);
 }
 
-cudaError_t launch_merge_backward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream) {
+cudaError_t launch_merge_backward(const MergeParams& p, KernelDtype dtype, cudaStream_t stream) {
   return dispatch(p, dtype, true, stream);
 }
 

@@ -6,12 +6,12 @@
 
 #include <cstdint>
 
+#include "cuda/kernel_dtype.h"
+
 namespace longattn::cuda {
 
 // Partials per call the kernels take; their pointers travel in the launch parameters.
 constexpr int kMaxMergePartials = 16;
-
-enum class MergeDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // outs[i]: contiguous [outer, L, H, D]; lses[i]: contiguous [outer, H, L] (fp32, or fp64 with
 // fp64 outs, the accumulation type). out/lse likewise.
@@ -29,7 +29,7 @@ struct MergeParams {
   void* dlses[kMaxMergePartials] = {};
 };
 
-cudaError_t launch_merge_forward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream);
-cudaError_t launch_merge_backward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream);
+cudaError_t launch_merge_forward(const MergeParams& p, KernelDtype dtype, cudaStream_t stream);
+cudaError_t launch_merge_backward(const MergeParams& p, KernelDtype dtype, cudaStream_t stream);
 
 }  // namespace longattn::cuda

@@ -8,21 +8,12 @@
 
 #include <vector>
 
+#include "cuda/kernel_dtype_of.h"
 #include "cuda/merge_launch.h"
 #include "merge_args.h"
 
 namespace longattn::cuda {
 namespace {
-
-MergeDtype dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return MergeDtype::kFloat32;
-    case at::kDouble: return MergeDtype::kFloat64;
-    case at::kHalf: return MergeDtype::kFloat16;
-    case at::kBFloat16: return MergeDtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "merge_attention: unsupported dtype ", st);
-  }
-}
 
 at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -67,8 +58,9 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cuda(at::TensorList outs, at:
   MergeParams p = params_of(in);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  C10_CUDA_CHECK(launch_merge_forward(p, dtype_of(out.scalar_type()),
-                                      c10::cuda::getCurrentCUDAStream(out.device().index()).stream()));
+  const KernelDtype dt = kernel_dtype_of(out.scalar_type(), "merge_attention", "outs");
+  C10_CUDA_CHECK(launch_merge_forward(
+      p, dt, c10::cuda::getCurrentCUDAStream(out.device().index()).stream()));
   return {out, lse};
 }
 
@@ -96,8 +88,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
     p.douts[k] = douts.back().data_ptr();
     p.dlses[k] = dlses.back().data_ptr();
   }
-  C10_CUDA_CHECK(launch_merge_backward(p, dtype_of(st),
-                                       c10::cuda::getCurrentCUDAStream(dout.device().index()).stream()));
+  const KernelDtype dt = kernel_dtype_of(st, "merge_attention_backward", "outs");
+  C10_CUDA_CHECK(launch_merge_backward(
+      p, dt, c10::cuda::getCurrentCUDAStream(dout.device().index()).stream()));
   for (int k = 0; k < p.n; ++k) dlses[k] = dlses[k].to(lses[k].scalar_type());  // grads match inputs
   return {douts, dlses};
 }

@@ -4,15 +4,14 @@
 #include <cuda_runtime_api.h>
 
 #include "common/rope_params.h"
+#include "cuda/kernel_dtype.h"
 
 namespace longattn::cuda {
-
-enum class RopeDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // Largest rotary_dim the kernel takes: its cos/sin table lives in shared memory.
 constexpr int64_t kMaxRotaryDimCuda = 2048;
 
 // Launches on `stream`; returns the launch error (cudaSuccess when fine).
-cudaError_t launch_rope(const RopeParams& p, RopeDtype dtype, cudaStream_t stream);
+cudaError_t launch_rope(const RopeParams& p, KernelDtype dtype, cudaStream_t stream);
 
 }  // namespace longattn::cuda

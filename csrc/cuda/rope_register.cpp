@@ -6,26 +6,18 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one wants cuSPARSE headers
 #include <torch/library.h>
 
+#include "cuda/kernel_dtype_of.h"
 #include "cuda/rope_launch.h"
 #include "rope_args.h"
 
 namespace longattn::cuda {
 namespace {
 
-RopeDtype dtype_of(const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return RopeDtype::kFloat32;
-    case at::kDouble: return RopeDtype::kFloat64;
-    case at::kHalf: return RopeDtype::kFloat16;
-    case at::kBFloat16: return RopeDtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "rope: unsupported dtype ", q.scalar_type());
-  }
-}
-
 void launch(const RopeParams& p, const at::Tensor& q) {
   TORCH_CHECK_VALUE(p.rotary_dim <= kMaxRotaryDimCuda, "rotary_dim = ", p.rotary_dim,
                     " exceeds the CUDA kernel's limit of ", kMaxRotaryDimCuda);
-  C10_CUDA_CHECK(launch_rope(p, dtype_of(q), c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+  C10_CUDA_CHECK(launch_rope(p, kernel_dtype_of(q.scalar_type(), "rope", "q"),
+                             c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k,
