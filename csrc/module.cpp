@@ -1,4 +1,4 @@
-// The Python module face of longattn._C: build information only.
+// The Python module face of longattn._C: build information and test hooks.
 //
 // The ops themselves are registered with the dispatcher by TORCH_LIBRARY /
 // TORCH_LIBRARY_IMPL blocks in the other translation units of this module
@@ -6,9 +6,11 @@
 // static registrars. Nothing from torch is needed here but its version macros.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
+#include "cpu/checks.h"
 #include "cpu/gemm.h"
 
 #if __has_include(<torch/headeronly/version.h>)
@@ -117,4 +119,6 @@ PYBIND11_MODULE(_C, m) {
         "cuda_version, cuda_sm90a, cpu_isa, cpu_gemm, torch_version, torch_version_full, openmp.");
   m.def("_openmp_threads", &openmp_max_threads,
         "Threads an OpenMP parallel region in this module gets (diagnostic).");
+  m.def("_check_softcap_row", &longattn::cpu::softcap_row_vs_scalar,
+        "(CPU softcap_row(x), softcap_logit per element) for the tests.");
 }

@@ -27,6 +27,12 @@ TORCH_LIBRARY(longattn, m) {
   m.def(
       "merge_attention_backward(Tensor dout, Tensor? dlse, Tensor[] outs, Tensor[] lses, "
       "Tensor out, Tensor lse) -> (Tensor[] douts, Tensor[] dlses)");
+  // The running form, in place (ring attention's hop accumulation; no autograd): the partial
+  // (part_out [*, n, H, D], part_lse [*, H, n]) joins rows [row_start, row_start + n) of the
+  // running out [*, L, H, D] and lse [*, H, L], contiguous, fp32 (fp64 for fp64 part_out).
+  m.def(
+      "merge_attention_(Tensor(a!) out, Tensor(b!) lse, Tensor part_out, Tensor part_lse, "
+      "int row_start) -> ()");
   // RoPE: rotate the first rotary_dim features of every head of q (and k, may be None) by
   // positions[token] * inv_freq (the angle reduced exactly, common/rope_math.h), cos/sin times
   // attention_scaling; inverse rotates by the opposite angle (the backward). q/k: (B, L, H, D)

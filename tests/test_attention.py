@@ -282,6 +282,27 @@ def test_large_logits_stable(device):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("scale,cap", [(0.5, 1.5), (1.0, 30.0), (0.125, 0.01)])
+def test_cpu_softcap_vector_path_matches_scalar_definition(scale, cap):
+    """The CPU kernels' vector softcap (cpu/vec_math.h) against the shared scalar definition
+    (common/scores.h softcap_logit, which the CUDA kernels and the CPU scalar tail use), and
+    both against float64 tanh."""
+    from longattn import _C
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-80, 80, 4001, dtype=torch.float64),
+                   torch.randn(2000, generator=g, dtype=torch.float64) * 4 * cap / scale,
+                   torch.tensor([0.0, 1e-8, -1e-8, 1e30, -1e30, math.inf, -math.inf])])
+    x = x.float()
+    row, scalar = (torch.tensor(r, dtype=torch.float64) for r in _C._check_softcap_row(x.tolist(), scale, cap))
+    exact = cap * torch.tanh(x.double() * (scale / cap))
+    # 1 - 2 / (exp(2y) + 1) is accurate to a few fp32 ulps of 1 in absolute terms (times cap);
+    # at::vec's exp_u20 (20 ulps) adds up to ~6e-7.
+    assert (scalar - exact).abs().max().item() <= 3e-7 * cap
+    assert (row - scalar).abs().max().item() <= 1e-6 * cap
+    assert (row.abs() <= cap).all() and (scalar.abs() <= cap).all()
+
+
 # --------------------------------------------------------------------------------------
 # Varlen
 # --------------------------------------------------------------------------------------

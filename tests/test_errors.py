@@ -245,6 +245,32 @@ def test_merge_errors(device):
         longattn.merge_attention([o, o.double()], [l, l])
 
 
+def test_merge_inplace_errors(device):
+    acc_out = torch.zeros(1, 8, 2, 4, device=device)
+    acc_lse = torch.full((1, 2, 8), float("-inf"), device=device)
+    o = torch.randn(1, 3, 2, 4, device=device)
+    l = torch.randn(1, 2, 3, device=device)
+    op = torch.ops.longattn.merge_attention_
+    with pytest.raises(ValueError, match=r"rows \[6, 6 \+ 3\) of part_out do not fit"):
+        op(acc_out, acc_lse, o, l, 6)
+    with pytest.raises(ValueError, match=r"do not fit"):
+        op(acc_out, acc_lse, o, l, -1)
+    with pytest.raises(ValueError, match=r"out and lse must be Float"):
+        op(acc_out.half(), acc_lse, o, l, 0)
+    with pytest.raises(ValueError, match=r"out and lse must be contiguous"):
+        op(acc_out.transpose(1, 2).contiguous().transpose(1, 2), acc_lse, o, l, 0)
+    with pytest.raises(ValueError, match=r"part_lse must have shape"):
+        op(acc_out, acc_lse, o, l[:, :, :2], 0)
+    with pytest.raises(ValueError, match=r": lse must have shape"):
+        op(acc_out, acc_lse[:, :1], o, l, 0)
+    with pytest.raises(ValueError, match=r"out must have shape"):
+        op(acc_out[..., :2], acc_lse, o, l, 0)
+    with pytest.raises(ValueError, match=r"part_lse must be float32"):
+        op(acc_out, acc_lse, o, l.half(), 0)
+    with pytest.raises(ValueError, match=r"part_out must be floating point"):
+        op(acc_out, acc_lse, o.int(), l, 0)
+
+
 def test_dilated_errors(device):
     q, k, v = _qkv(device, Hq=2, Hkv=2)
     with pytest.raises(ERRS, match=r"segment"):

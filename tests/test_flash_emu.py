@@ -98,7 +98,8 @@ def _build(kind):
         + [os.path.join(_EMU, f) for f in os.listdir(_EMU) if f.endswith(".h")]
         + [os.path.join(_FLASH, f) for f in os.listdir(_FLASH) if f.endswith(".h")]
         + [os.path.join(_ROOT, "csrc", "common", f) for f in os.listdir(os.path.join(_ROOT, "csrc", "common"))]
-        + [os.path.join(_ROOT, "csrc", "cuda", "attention", "attention_launch.h")]
+        + [os.path.join(_ROOT, "csrc", "cuda", "attention", "attention_launch.h"),
+           os.path.join(_ROOT, "csrc", "cuda", "kernel_dtype.h")]
     )
     h = hashlib.sha1()
     for s in srcs:

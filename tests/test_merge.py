@@ -1,5 +1,5 @@
 """longattn.merge_attention: values vs reference, exactness for disjoint key sets, -inf handling,
-gradients."""
+gradients; and its running form in place, torch.ops.longattn.merge_attention_."""
 
 import pytest
 import torch
@@ -284,3 +284,55 @@ def test_attention_split_grads_through_merge(device):
         res.append(torch.autograd.grad((out, lse), ins, (dout, dlse)))
     for a, b, name in zip(res[0], res[1], ("dq", "dk", "dv")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------
+# merge_attention_: the running form in place (ring attention's hop accumulation)
+# --------------------------------------------------------------------------------------
+
+def running(shape_out, shape_lse, dtype, device):
+    """An empty running (out, lse): 0 and -inf, in the accumulation type of dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.zeros(shape_out, dtype=acc, device=device),
+            torch.full(shape_lse, float("-inf"), dtype=acc, device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_merge_inplace_matches_merge(dtype, layout, device):
+    """Partials over row spans, merged one by one into a running (out, lse), equal
+    merge_attention of the partials spread over the full rows (-inf elsewhere)."""
+    L, spans = 23, [(0, 23), (5, 17), (0, 9), (12, 23), (5, 17)]
+    so, sl = ((2, L, 3, 24), (2, 3, L)) if layout == "dense" else ((L, 3, 24), (3, L))
+    run_out, run_lse = running(so, sl, dtype, device)
+    full_outs, full_lses = [], []
+    for q0, q1 in spans:
+        pso = so[:-3] + (q1 - q0,) + so[-2:]
+        psl = sl[:-1] + (q1 - q0,)
+        (o,), (l,) = partials(1, pso, psl, dtype, device, p_neginf=0.2)
+        torch.ops.longattn.merge_attention_(run_out, run_lse, o, l, q0)
+        fo = torch.zeros(so, dtype=dtype, device=device)
+        fl = torch.full(sl, float("-inf"), dtype=l.dtype, device=device)
+        fo[..., q0:q1, :, :] = o
+        fl[..., q0:q1] = l
+        full_outs.append(fo)
+        full_lses.append(fl)
+    # The running out is in the accumulation type: so is the reference.
+    ref_out, ref_lse = merge_attention_ref(full_outs, full_lses, out_dtype=run_out.dtype)
+    lo_out, lo_lse = merge_attention_ref(full_outs, full_lses, upcast=False)
+    assert_close_rule(run_out, ref_out, lo_out, 2.0, name="out")
+    assert_close_rule(run_lse, ref_lse, lo_lse, 2.0, name="lse")
+
+
+def test_merge_inplace_first_partial_is_exact(device):
+    """An empty running row takes the partial exactly; rows outside the span stay untouched;
+    a row -inf on both sides stays (0, -inf), no NaN."""
+    run_out, run_lse = running((2, 10, 2, 16), (2, 2, 10), torch.bfloat16, device)
+    (o,), (l,) = partials(1, (2, 4, 2, 16), (2, 2, 4), torch.bfloat16, device)
+    l[0, 1, 2] = float("-inf")
+    o[0, 2, 1] = 0
+    torch.ops.longattn.merge_attention_(run_out, run_lse, o, l, 3)
+    assert torch.equal(run_out[:, 3:7], o.float()) and torch.equal(run_lse[:, :, 3:7], l)
+    assert (run_out[:, :3] == 0).all() and (run_out[:, 7:] == 0).all()
+    assert torch.isneginf(run_lse[:, :, :3]).all() and torch.isneginf(run_lse[:, :, 7:]).all()
+

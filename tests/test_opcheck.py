@@ -10,7 +10,8 @@ from helpers import cu_seqlens, randn
 
 UNBOUNDED = getattr(longattn, "UNBOUNDED", getattr(longattn, "UNBOUNDED_WINDOW", 2**62))
 
-OPS = ["attention", "attention_backward", "merge_attention", "merge_attention_backward"]
+OPS = ["attention", "attention_backward", "merge_attention", "merge_attention_backward",
+       "merge_attention_"]
 
 
 def registered_ops():
@@ -149,6 +150,22 @@ def test_opcheck_merge_backward(case, with_dlse, device):
     assert len(douts) == len(outs) and len(dlses) == len(lses)
     for a, b in zip(douts + dlses, outs + lses):
         assert a.shape == b.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_opcheck_merge_inplace(dtype, device):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.randn(2, 9, 3, 16, dtype=acc, device=device)
+    lse = torch.randn(2, 3, 9, dtype=acc, device=device)
+    lse[:, :, 0] = float("-inf")
+    part_out = torch.randn(2, 4, 3, 16, device=device).to(dtype)
+    part_lse = torch.randn(2, 3, 4, device=device).to(acc)
+    part_lse[:, 1, 0] = float("-inf")
+    # Not differentiable (the ring op has its own backward): no autograd registration check.
+    torch.library.opcheck(torch.ops.longattn.merge_attention_.default,
+                          (out, lse, part_out, part_lse, 3),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
+                                      "test_aot_dispatch_dynamic"))
 
 
 # Ops whose opcheck cases live with their family's tests.

@@ -1,5 +1,5 @@
 // CPU merge of partial attentions: memory-bound, one pass over every partial, parallel over
-// rows, fp32 (fp64 for fp64 inputs) accumulation.
+// rows, fp32 (fp64 for fp64 inputs) accumulation. Also the running form in place.
 #include "cpu/merge.h"
 
 #include <ATen/ATen.h>
@@ -140,6 +140,42 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
   });
   for (int k = 0; k < n; ++k) dlses[k] = dlses[k].to(lses[k].scalar_type());  // grads match inputs
   return {douts, dlses};
+}
+
+void merge_attention_inplace_cpu(const at::Tensor& out, const at::Tensor& lse,
+                                 const at::Tensor& part_out, const at::Tensor& part_lse,
+                                 int64_t row_start) {
+  const MergeIntoShape ms = check_merge_into_args(out, lse, part_out, part_lse, row_start);
+  const at::Tensor po = part_out.contiguous();
+  const at::Tensor pl = part_lse.to(out.scalar_type()).contiguous();
+  const auto st = po.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "longattn::merge_attention_", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* part = po.data_ptr<scalar_t>();
+    const A* part_lse_p = pl.data_ptr<A>();
+    A* run = out.data_ptr<A>();
+    A* run_lse = lse.data_ptr<A>();
+    const int64_t H = ms.H, L = ms.L, n = ms.n, D = ms.D;
+    parallel_for(ms.outer * n, 16, [&](int64_t begin, int64_t end) {
+      std::vector<A> tmp(D);
+      for (int64_t row = begin; row < end; ++row) {  // row = b * n + i of the partial
+        const int64_t b = row / n, i = row % n, run_row = b * L + row_start + i;
+        for (int64_t h = 0; h < H; ++h) {
+          A* lse_h = run_lse + (b * H + h) * L + row_start + i;
+          const RunningMerge<A> m = running_merge<A>(*lse_h, part_lse_p[(b * H + h) * n + i]);
+          *lse_h = m.lse;
+          int64_t ld;
+          const A* src = load_rows<scalar_t>(part + (row * H + h) * D, D, 1, D, tmp.data(), &ld);
+          A* dst = run + (run_row * H + h) * D;
+          if (m.reads_run()) {
+            for (int64_t d = 0; d < D; ++d) dst[d] = m.apply(dst[d], src[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) dst[d] = m.apply(A(0), src[d]);
+          }
+        }
+      }
+    });
+  });
 }
 
 }  // namespace longattn::cpu

@@ -74,6 +74,7 @@ TORCH_LIBRARY_IMPL(longattn, CPU, m) {
   m.impl("attention_backward", &attention_backward_cpu);
   m.impl("merge_attention", &merge_attention_cpu);
   m.impl("merge_attention_backward", &merge_attention_backward_cpu);
+  m.impl("merge_attention_", &merge_attention_inplace_cpu);
 }
 
 }  // namespace longattn::cpu

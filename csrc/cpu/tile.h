@@ -57,10 +57,7 @@ inline void transform_row(A* x, int64_t n, const RowCtx& r, const ScoreParams& s
     softcap_row<A>(x, n, static_cast<A>(r.row_scale), static_cast<A>(sp.softcap));
     if (softcap_grad != nullptr) {
       const A inv = A(1) / static_cast<A>(sp.softcap);
-      for (int64_t j = 0; j < n; ++j) {
-        const A t = x[j] * inv;
-        softcap_grad[j] = A(1) - t * t;
-      }
+      for (int64_t j = 0; j < n; ++j) softcap_grad[j] = softcap_derivative(x[j] * inv);
     }
   } else {
     scale_row<A>(x, n, static_cast<A>(r.row_scale));

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/scores.h"
+
 namespace longattn::cpu {
 
 using fVec = at::vec::Vectorized<float>;
@@ -69,7 +71,10 @@ inline void scale_row(T* x, int64_t n, T a) {
   for (; j < n; ++j) x[j] *= a;
 }
 
-// tanh through exp: 1 - 2 / (exp(2x) + 1), exact at the saturated ends; used by softcap.
+// x[j] = softcap_logit(x[j], scale / cap, cap) (common/scores.h). The float vector path spells
+// tanh as 1 - 2 / (exp(2y) + 1) like the scalar definition, with at::vec's exp (no clamp
+// needed: that exp saturates, giving exactly +-1 at the ends). cpu/checks.h exposes both to
+// the tests.
 template <typename T>
 inline void softcap_row(T* x, int64_t n, T scale, T cap) {
   const T inv = scale / cap;
@@ -81,7 +86,7 @@ inline void softcap_row(T* x, int64_t n, T scale, T cap) {
       (vcap * (one - two / (e + one))).store(x + j);
     }
   }
-  for (; j < n; ++j) x[j] = cap * std::tanh(x[j] * inv);
+  for (; j < n; ++j) x[j] = softcap_logit(x[j], inv, cap);
 }
 
 }  // namespace longattn::cpu

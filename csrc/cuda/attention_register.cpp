@@ -20,19 +20,10 @@
 
 #include "attention_args.h"
 #include "cuda/attention/attention_launch.h"
+#include "cuda/kernel_dtype_of.h"
 
 namespace longattn::cuda {
 namespace {
-
-AttnDtype dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return AttnDtype::kFloat32;
-    case at::kDouble: return AttnDtype::kFloat64;
-    case at::kHalf: return AttnDtype::kFloat16;
-    case at::kBFloat16: return AttnDtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "attention: unsupported dtype ", st);
-  }
-}
 
 enum class Backend { kAuto, kFlash, kSimt };
 
@@ -47,7 +38,7 @@ Backend requested_backend() {
 
 // Why the flash kernels cannot take this call; empty when they can. `extra` are further
 // device pointers the kernels read with 16-byte loads (the backward's dout and out).
-std::string flash_unsupported(const AttentionParams& p, AttnDtype dtype, const at::Tensor& q,
+std::string flash_unsupported(const AttentionParams& p, KernelDtype dtype, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v,
                               std::initializer_list<const void*> extra) {
   if (!flash_supported(dtype, p.head_dim)) {
@@ -87,7 +78,7 @@ std::string flash_unsupported(const AttentionParams& p, AttnDtype dtype, const a
   return {};
 }
 
-bool choose_flash(const AttentionParams& p, AttnDtype dtype, const at::Tensor& q,
+bool choose_flash(const AttentionParams& p, KernelDtype dtype, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
                   std::initializer_list<const void*> extra) {
   const Backend want = requested_backend();
@@ -119,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
   TORCH_CHECK_VALUE(q.is_cuda(), "attention: q must be a CUDA tensor here, got ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   const ForwardTensors t = make_forward_tensors(args, &p);
-  const AttnDtype dt = dtype_of(q.scalar_type());
+  const KernelDtype dt = kernel_dtype_of(q.scalar_type(), "attention", "q");
   const cudaStream_t stream = stream_of(q);
   C10_CUDA_CHECK(choose_flash(p, dt, q, k, v, {}) ? flash_forward(p, dt, stream)
                                                   : simt_forward(p, dt, stream));
@@ -151,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   g.dsink = t.dsink_ptr(args);
   g.deterministic = at::globalContext().deterministicAlgorithms();
 
-  const AttnDtype dt = dtype_of(q.scalar_type());
+  const KernelDtype dt = kernel_dtype_of(q.scalar_type(), "attention_backward", "q");
   const bool flash = choose_flash(p, dt, q, k, v, {g.dout, p.out});
   g.workspace_bytes = flash ? flash_backward_workspace(p, dt, g.deterministic)
                             : simt_backward_workspace(p, dt, g.deterministic);

@@ -15,21 +15,12 @@
 #include <limits>
 
 #include "common/kvcache_math.h"
+#include "cuda/kernel_dtype_of.h"
 #include "cuda/kvcache/kvcache_launch.h"
 #include "kvcache_args.h"
 
 namespace longattn::cuda {
 namespace {
-
-KvDtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return KvDtype::kFloat32;
-    case at::kDouble: return KvDtype::kFloat64;
-    case at::kHalf: return KvDtype::kFloat16;
-    case at::kBFloat16: return KvDtype::kBFloat16;
-    default: TORCH_CHECK(false, "longattn KV cache: unsupported dtype ", t.scalar_type());
-  }
-}
 
 KvLengths lengths_of(const at::Tensor& l) {
   return {l.const_data_ptr(), l.scalar_type() == at::kLong, l.stride(0), l.stride(1)};
@@ -96,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.lse = lse.data_ptr();
   p.part_out = part_out.data_ptr();
   p.part_lse = part_lse.data_ptr();
-  C10_CUDA_CHECK(launch_decode(p, dtype_of(q), stream_of(q)));
+  C10_CUDA_CHECK(launch_decode(p, kernel_dtype_of(q.scalar_type(), op, "q"), stream_of(q)));
   return {out, lse};
 }
 
@@ -134,7 +125,8 @@ void compact_impl(const char* op, const at::Tensor& k_cache, const at::Tensor& v
   p.status = status.data_ptr<int32_t>();
   p.error_flag = p.status + sh.B * sh.H;
   p.shifts = shifts.defined() ? shifts.data_ptr<int64_t>() : nullptr;
-  C10_CUDA_CHECK(launch_compact(p, dtype_of(k_cache), stream_of(k_cache)));
+  C10_CUDA_CHECK(launch_compact(p, kernel_dtype_of(k_cache.scalar_type(), op, "k_cache"),
+                                stream_of(k_cache)));
 
   // The first bad (b, h) in order, reported as the CPU does (nothing moved on the device).
   const at::Tensor st = status.narrow(0, 0, sh.B * sh.H).cpu();

@@ -1,6 +1,7 @@
 // CUDA merge of partial attentions: one warp per (row, head). Memory-bound: each partial is
 // read once, the merged row written once; weights come from common/merge.h (the CPU kernel's
-// rule: fp32 accumulation, -inf partials weigh 0, all -inf gives 0 / -inf, no NaN).
+// rule: fp32 accumulation, -inf partials weigh 0, all -inf gives 0 / -inf, no NaN). Also the
+// running form in place (merge_attention_).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -78,38 +79,75 @@ __global__ void merge_backward_kernel(const MergeParams p) {
   }
 }
 
+// One warp per (row i, head h) of the partial: item = (b * n + i) * H + h, which is also the
+// partial's row offset / D. All lanes read the running lse before lane 0 overwrites it.
+template <typename T>
+__global__ void merge_into_kernel(const MergeIntoParams p) {
+  using A = acc_t<T>;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (item >= p.outer * p.n * p.H) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t h = item % p.H, row = item / p.H, b = row / p.n, i = row % p.n;
+  A* lse = static_cast<A*>(p.lse) + (b * p.H + h) * p.L + p.row_start + i;
+  const RunningMerge<A> m =
+      running_merge<A>(*lse, static_cast<const A*>(p.part_lse)[(b * p.H + h) * p.n + i]);
+  const T* part = static_cast<const T*>(p.part_out) + item * p.D;
+  A* out = static_cast<A*>(p.out) + ((b * p.L + p.row_start + i) * p.H + h) * p.D;
+  const bool reads_run = m.reads_run();
+  for (int64_t d = lane; d < p.D; d += 32)
+    out[d] = m.apply(reads_run ? out[d] : A(0), to_acc(part[d]));
+  __syncwarp();
+  if (lane == 0) *lse = m.lse;
+}
+
+dim3 warps_grid(int64_t items) {
+  return dim3(static_cast<unsigned>((items + kWarpsPerBlock - 1) / kWarpsPerBlock));
+}
+
 template <typename T>
 cudaError_t launch(const MergeParams& p, bool backward, cudaStream_t stream) {
   const int64_t items = p.outer * p.L * p.H;
   if (items == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((items + kWarpsPerBlock - 1) / kWarpsPerBlock));
-  const dim3 block(32 * kWarpsPerBlock);
   if (backward) {
-    merge_backward_kernel<T><<<grid, block, 0, stream>>>(p);
+    merge_backward_kernel<T><<<warps_grid(items), 32 * kWarpsPerBlock, 0, stream>>>(p);
   } else {
-    merge_forward_kernel<T><<<grid, block, 0, stream>>>(p);
+    merge_forward_kernel<T><<<warps_grid(items), 32 * kWarpsPerBlock, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
 
-cudaError_t dispatch(const MergeParams& p, MergeDtype dtype, bool backward, cudaStream_t stream) {
+template <typename T>
+cudaError_t launch(const MergeIntoParams& p, cudaStream_t stream) {
+  const int64_t items = p.outer * p.n * p.H;
+  if (items == 0) return cudaSuccess;
+  merge_into_kernel<T><<<warps_grid(items), 32 * kWarpsPerBlock, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// launch<T>(args...) with T the element type of dtype.
+template <typename... Args>
+cudaError_t dispatch(KernelDtype dtype, const Args&... args) {
   switch (dtype) {
-    case MergeDtype::kFloat32: return launch<float>(p, backward, stream);
-    case MergeDtype::kFloat64: return launch<double>(p, backward, stream);
-    case MergeDtype::kFloat16: return launch<__half>(p, backward, stream);
-    case MergeDtype::kBFloat16: return launch<__nv_bfloat16>(p, backward, stream);
+    case KernelDtype::kFloat32: return launch<float>(args...);
+    case KernelDtype::kFloat64: return launch<double>(args...);
+    case KernelDtype::kFloat16: return launch<__half>(args...);
+    case KernelDtype::kBFloat16: return launch<__nv_bfloat16>(args...);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_merge_forward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream) {
-  return dispatch(p, dtype, false, stream);
+cudaError_t launch_merge_forward(const MergeParams& p, KernelDtype dtype, cudaStream_t stream) {
+  return dispatch(dtype, p, false, stream);
 }
 
-cudaError_t launch_merge_backward(const MergeParams& p, MergeDtype dtype, cudaStream_t stream) {
-  return dispatch(p, dtype, true, stream);
+cudaError_t launch_merge_backward(const MergeParams& p, KernelDtype dtype, cudaStream_t stream) {
+  return dispatch(dtype, p, true, stream);
+}
+
+cudaError_t launch_merge_into(const MergeIntoParams& p, KernelDtype dtype, cudaStream_t stream) {
+  return dispatch(dtype, p, stream);
 }
 
 }  // namespace longattn::cuda

@@ -1,5 +1,6 @@
-// CUDA registrations of merge_attention and its backward: the shared argument checks
-// (merge_args.h), contiguous inputs and outputs, then the plain launches of merge_kernel.cu.
+// CUDA registrations of merge_attention, its backward and merge_attention_: the shared
+// argument checks (merge_args.h), contiguous inputs and outputs, then the plain launches of
+// merge_kernel.cu.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,21 +9,12 @@
 
 #include <vector>
 
+#include "cuda/kernel_dtype_of.h"
 #include "cuda/merge_launch.h"
 #include "merge_args.h"
 
 namespace longattn::cuda {
 namespace {
-
-MergeDtype dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return MergeDtype::kFloat32;
-    case at::kDouble: return MergeDtype::kFloat64;
-    case at::kHalf: return MergeDtype::kFloat16;
-    case at::kBFloat16: return MergeDtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "merge_attention: unsupported dtype ", st);
-  }
-}
 
 at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -67,8 +59,9 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cuda(at::TensorList outs, at:
   MergeParams p = params_of(in);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  C10_CUDA_CHECK(launch_merge_forward(p, dtype_of(out.scalar_type()),
-                                      c10::cuda::getCurrentCUDAStream(out.device().index()).stream()));
+  const KernelDtype dt = kernel_dtype_of(out.scalar_type(), "merge_attention", "outs");
+  C10_CUDA_CHECK(launch_merge_forward(
+      p, dt, c10::cuda::getCurrentCUDAStream(out.device().index()).stream()));
   return {out, lse};
 }
 
@@ -96,10 +89,35 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
     p.douts[k] = douts.back().data_ptr();
     p.dlses[k] = dlses.back().data_ptr();
   }
-  C10_CUDA_CHECK(launch_merge_backward(p, dtype_of(st),
-                                       c10::cuda::getCurrentCUDAStream(dout.device().index()).stream()));
+  const KernelDtype dt = kernel_dtype_of(st, "merge_attention_backward", "outs");
+  C10_CUDA_CHECK(launch_merge_backward(
+      p, dt, c10::cuda::getCurrentCUDAStream(dout.device().index()).stream()));
   for (int k = 0; k < p.n; ++k) dlses[k] = dlses[k].to(lses[k].scalar_type());  // grads match inputs
   return {douts, dlses};
+}
+
+void merge_attention_inplace_cuda(const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& part_out, const at::Tensor& part_lse,
+                                  int64_t row_start) {
+  const MergeIntoShape ms = check_merge_into_args(out, lse, part_out, part_lse, row_start);
+  TORCH_CHECK_VALUE(out.is_cuda(), "merge_attention_: out must be a CUDA tensor here");
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor po = part_out.contiguous();
+  const at::Tensor pl = part_lse.to(out.scalar_type()).contiguous();
+  MergeIntoParams p;
+  p.part_out = po.data_ptr();
+  p.part_lse = pl.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.outer = ms.outer;
+  p.L = ms.L;
+  p.n = ms.n;
+  p.H = ms.H;
+  p.D = ms.D;
+  p.row_start = row_start;
+  const KernelDtype dt = kernel_dtype_of(po.scalar_type(), "merge_attention_", "part_out");
+  C10_CUDA_CHECK(launch_merge_into(
+      p, dt, c10::cuda::getCurrentCUDAStream(out.device().index()).stream()));
 }
 
 }  // namespace
@@ -107,6 +125,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> merge_attention_bac
 TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
   m.impl("merge_attention", &merge_attention_cuda);
   m.impl("merge_attention_backward", &merge_attention_backward_cuda);
+  m.impl("merge_attention_", &merge_attention_inplace_cuda);
 }
 
 }  // namespace longattn::cuda

@@ -234,19 +234,19 @@ cudaError_t launch_dtype(const RopeParams& p, double* workspace, cudaStream_t st
 }
 
 template <typename F>
-auto on_dtype(RopeDtype dtype, F&& f) {
+auto on_dtype(KernelDtype dtype, F&& f) {
   switch (dtype) {
-    case RopeDtype::kFloat64: return f(double{});
-    case RopeDtype::kFloat16: return f(__half{});
-    case RopeDtype::kBFloat16: return f(__nv_bfloat16{});
-    case RopeDtype::kFloat32: break;
+    case KernelDtype::kFloat64: return f(double{});
+    case KernelDtype::kFloat16: return f(__half{});
+    case KernelDtype::kBFloat16: return f(__nv_bfloat16{});
+    case KernelDtype::kFloat32: break;
   }
   return f(float{});
 }
 
 }  // namespace
 
-int64_t rope_backward_workspace(const RopeParams& p, RopeDtype dtype) {
+int64_t rope_backward_workspace(const RopeParams& p, KernelDtype dtype) {
   if (p.tokens() == 0) return 0;
   return on_dtype(dtype, [&](auto zero) -> int64_t {
     using T = decltype(zero);
@@ -259,7 +259,7 @@ int64_t rope_backward_workspace(const RopeParams& p, RopeDtype dtype) {
   });
 }
 
-cudaError_t launch_rope_backward(const RopeParams& p, RopeDtype dtype, double* workspace,
+cudaError_t launch_rope_backward(const RopeParams& p, KernelDtype dtype, double* workspace,
                                  cudaStream_t stream) {
   const int64_t half = p.rotary_dim / 2;
   if (p.tokens() == 0) {

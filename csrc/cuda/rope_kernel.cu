@@ -108,13 +108,13 @@ cudaError_t launch_dtype(const RopeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_rope(const RopeParams& p, RopeDtype dtype, cudaStream_t stream) {
+cudaError_t launch_rope(const RopeParams& p, KernelDtype dtype, cudaStream_t stream) {
   if (p.tokens() == 0 || rope_device::total_heads(p) == 0) return cudaSuccess;
   switch (dtype) {
-    case RopeDtype::kFloat32: return launch_dtype<float>(p, stream);
-    case RopeDtype::kFloat64: return launch_dtype<double>(p, stream);
-    case RopeDtype::kFloat16: return launch_dtype<__half>(p, stream);
-    case RopeDtype::kBFloat16: return launch_dtype<__nv_bfloat16>(p, stream);
+    case KernelDtype::kFloat32: return launch_dtype<float>(p, stream);
+    case KernelDtype::kFloat64: return launch_dtype<double>(p, stream);
+    case KernelDtype::kFloat16: return launch_dtype<__half>(p, stream);
+    case KernelDtype::kBFloat16: return launch_dtype<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -4,21 +4,20 @@
 #include <cuda_runtime_api.h>
 
 #include "common/rope_params.h"
+#include "cuda/kernel_dtype.h"
 
 namespace longattn::cuda {
-
-enum class RopeDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // Largest rotary_dim the kernel takes: its cos/sin table lives in shared memory.
 constexpr int64_t kMaxRotaryDimCuda = 2048;
 
 // Launches on `stream`; returns the launch error (cudaSuccess when fine).
-cudaError_t launch_rope(const RopeParams& p, RopeDtype dtype, cudaStream_t stream);
+cudaError_t launch_rope(const RopeParams& p, KernelDtype dtype, cudaStream_t stream);
 
 // rope_backward (p from make_rope_backward): fp64 workspace elements the launch needs (block
 // partials of the inv_freq gradient; depends on the problem only), then the two launches.
-int64_t rope_backward_workspace(const RopeParams& p, RopeDtype dtype);
-cudaError_t launch_rope_backward(const RopeParams& p, RopeDtype dtype, double* workspace,
+int64_t rope_backward_workspace(const RopeParams& p, KernelDtype dtype);
+cudaError_t launch_rope_backward(const RopeParams& p, KernelDtype dtype, double* workspace,
                                  cudaStream_t stream);
 
 }  // namespace longattn::cuda

@@ -7,21 +7,12 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one wants cuSPARSE headers
 #include <torch/library.h>
 
+#include "cuda/kernel_dtype_of.h"
 #include "cuda/rope_launch.h"
 #include "rope_args.h"
 
 namespace longattn::cuda {
 namespace {
-
-RopeDtype dtype_of(const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return RopeDtype::kFloat32;
-    case at::kDouble: return RopeDtype::kFloat64;
-    case at::kHalf: return RopeDtype::kFloat16;
-    case at::kBFloat16: return RopeDtype::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, "rope: unsupported dtype ", q.scalar_type());
-  }
-}
 
 void check_rotary_dim(const RopeParams& p) {
   TORCH_CHECK_VALUE(p.rotary_dim <= kMaxRotaryDimCuda, "rotary_dim = ", p.rotary_dim,
@@ -30,7 +21,8 @@ void check_rotary_dim(const RopeParams& p) {
 
 void launch(const RopeParams& p, const at::Tensor& q) {
   check_rotary_dim(p);
-  C10_CUDA_CHECK(launch_rope(p, dtype_of(q), c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+  C10_CUDA_CHECK(launch_rope(p, kernel_dtype_of(q.scalar_type(), "rope", "q"),
+                             c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k,
@@ -65,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_backward_cuda(
                                                    attention_scaling, rotary_dim, interleaved,
                                                    inverse, input_grads);
   check_rotary_dim(p);
-  const RopeDtype dtype = dtype_of(dq_out);
+  const KernelDtype dtype = kernel_dtype_of(dq_out.scalar_type(), "rope_backward", "grad_q");
   at::Tensor workspace =
       at::empty({rope_backward_workspace(p, dtype)}, dq_out.options().dtype(at::kDouble));
   C10_CUDA_CHECK(launch_rope_backward(

@@ -91,3 +91,10 @@ def _merge_backward(ctx, dout, dlse):
 
 torch.library.register_autograd("longattn::merge_attention", _merge_backward,
                                 setup_context=_merge_setup_context)
+
+
+# The running merge in place (ring attention's hop accumulation): no autograd, the ring op has
+# its own backward; the schema marks out and lse as mutated, so torch.compile functionalizes it.
+@torch.library.register_fake("longattn::merge_attention_")
+def _merge_inplace_fake(out, lse, part_out, part_lse, row_start):
+    return None

@@ -13,16 +13,15 @@
 #include <cstdint>
 
 #include "common/attention_params.h"
+#include "cuda/kernel_dtype.h"
 
 namespace longattn::cuda {
-
-enum class AttnDtype { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // Head dims the tensor-core kernels are instantiated for.
 constexpr int kFlashHeadDims[] = {64, 128};
 
-inline bool flash_supported(AttnDtype dtype, int64_t head_dim) {
-  if (dtype != AttnDtype::kFloat16 && dtype != AttnDtype::kBFloat16) return false;
+inline bool flash_supported(KernelDtype dtype, int64_t head_dim) {
+  if (dtype != KernelDtype::kFloat16 && dtype != KernelDtype::kBFloat16) return false;
   for (int d : kFlashHeadDims) {
     if (d == head_dim) return true;
   }
@@ -52,15 +51,15 @@ struct AttentionGrads {
 
 // Forward: p.out (contiguous, q's dtype) and p.lse (fp32; fp64 for fp64 inputs) are written.
 // cu_seqlens in p are device pointers.
-cudaError_t flash_forward(const AttentionParams& p, AttnDtype dtype, cudaStream_t stream);
-cudaError_t simt_forward(const AttentionParams& p, AttnDtype dtype, cudaStream_t stream);
+cudaError_t flash_forward(const AttentionParams& p, KernelDtype dtype, cudaStream_t stream);
+cudaError_t simt_forward(const AttentionParams& p, KernelDtype dtype, cudaStream_t stream);
 
 // Backward: p.out and p.lse point at the forward's results. Zeroed scratch needed, in bytes.
-size_t flash_backward_workspace(const AttentionParams& p, AttnDtype dtype, bool deterministic);
-size_t simt_backward_workspace(const AttentionParams& p, AttnDtype dtype, bool deterministic);
-cudaError_t flash_backward(const AttentionParams& p, const AttentionGrads& g, AttnDtype dtype,
+size_t flash_backward_workspace(const AttentionParams& p, KernelDtype dtype, bool deterministic);
+size_t simt_backward_workspace(const AttentionParams& p, KernelDtype dtype, bool deterministic);
+cudaError_t flash_backward(const AttentionParams& p, const AttentionGrads& g, KernelDtype dtype,
                            cudaStream_t stream);
-cudaError_t simt_backward(const AttentionParams& p, const AttentionGrads& g, AttnDtype dtype,
+cudaError_t simt_backward(const AttentionParams& p, const AttentionGrads& g, KernelDtype dtype,
                           cudaStream_t stream);
 
 }  // namespace longattn::cuda

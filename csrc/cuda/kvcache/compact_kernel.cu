@@ -264,17 +264,17 @@ cudaError_t launch_moves(const CompactParams& p, const MoveGeometry& g, cudaStre
   return cudaGetLastError();
 }
 
-int64_t element_size(KvDtype dtype) {
+int64_t element_size(KernelDtype dtype) {
   switch (dtype) {
-    case KvDtype::kFloat64: return 8;
-    case KvDtype::kFloat32: return 4;
+    case KernelDtype::kFloat64: return 8;
+    case KernelDtype::kFloat32: return 4;
     default: return 2;
   }
 }
 
 }  // namespace
 
-cudaError_t launch_compact(const CompactParams& p, KvDtype dtype, cudaStream_t stream) {
+cudaError_t launch_compact(const CompactParams& p, KernelDtype dtype, cudaStream_t stream) {
   const int64_t bh = p.B * p.H;
   if (bh == 0) return cudaSuccess;
   if (bh > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -286,10 +286,10 @@ cudaError_t launch_compact(const CompactParams& p, KvDtype dtype, cudaStream_t s
   const bool rotate = p.new_positions != nullptr;
   if (rotate) {
     switch (dtype) {
-      case KvDtype::kFloat32: e = launch_rotate<float>(p, stream); break;
-      case KvDtype::kFloat64: e = launch_rotate<double>(p, stream); break;
-      case KvDtype::kFloat16: e = launch_rotate<__half>(p, stream); break;
-      case KvDtype::kBFloat16: e = launch_rotate<__nv_bfloat16>(p, stream); break;
+      case KernelDtype::kFloat32: e = launch_rotate<float>(p, stream); break;
+      case KernelDtype::kFloat64: e = launch_rotate<double>(p, stream); break;
+      case KernelDtype::kFloat16: e = launch_rotate<__half>(p, stream); break;
+      case KernelDtype::kBFloat16: e = launch_rotate<__nv_bfloat16>(p, stream); break;
     }
     if (e != cudaSuccess) return e;
   }

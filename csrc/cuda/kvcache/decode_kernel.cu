@@ -301,12 +301,12 @@ cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_decode(const DecodeParams& p, KvDtype dtype, cudaStream_t stream) {
+cudaError_t launch_decode(const DecodeParams& p, KernelDtype dtype, cudaStream_t stream) {
   switch (dtype) {
-    case KvDtype::kFloat32: return launch_typed<float>(p, stream);
-    case KvDtype::kFloat64: return launch_typed<double>(p, stream);
-    case KvDtype::kFloat16: return launch_typed<__half>(p, stream);
-    case KvDtype::kBFloat16: return launch_typed<__nv_bfloat16>(p, stream);
+    case KernelDtype::kFloat32: return launch_typed<float>(p, stream);
+    case KernelDtype::kFloat64: return launch_typed<double>(p, stream);
+    case KernelDtype::kFloat16: return launch_typed<__half>(p, stream);
+    case KernelDtype::kBFloat16: return launch_typed<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -9,9 +9,9 @@
 
 #include <cstdint>
 
-namespace longattn::cuda {
+#include "cuda/kernel_dtype.h"
 
-enum class KvDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
+namespace longattn::cuda {
 
 // Per-head lengths (B, H): int32 or int64, element strides.
 struct KvLengths {
@@ -51,7 +51,7 @@ struct DecodeParams {
 
 // A (b, h) whose length lies outside [0, C] gets NaN out and lse rows and no score update
 // (the lengths are not read back to the host: no synchronization per decode step).
-cudaError_t launch_decode(const DecodeParams& p, KvDtype dtype, cudaStream_t stream);
+cudaError_t launch_decode(const DecodeParams& p, KernelDtype dtype, cudaStream_t stream);
 
 // compact_ and compact_rerotate_ (new_positions != null).
 struct CompactParams {
@@ -88,6 +88,6 @@ constexpr int32_t kBadLength = -2;
 constexpr int32_t kBadKeepLength = -3;
 
 // Validation kernel, then the in-place moves (skipped on device when the flag is set).
-cudaError_t launch_compact(const CompactParams& p, KvDtype dtype, cudaStream_t stream);
+cudaError_t launch_compact(const CompactParams& p, KernelDtype dtype, cudaStream_t stream);
 
 }  // namespace longattn::cuda

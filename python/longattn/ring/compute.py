@@ -39,28 +39,16 @@ def acc_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 class Accumulator:
-    """Running (out, lse) of the local queries, merged call by call in fp32 (fp64 for fp64)."""
+    """Running (out, lse) of the local queries, merged call by call in fp32 (fp64 for fp64) by
+    the merge kernel in place (longattn::merge_attention_). Rows start empty, (0, -inf): a
+    call's first contribution to a row is taken exactly."""
 
     def __init__(self, q: torch.Tensor):
         B, n, H, D = q.shape
         self.dtype = acc_dtype(q)
         self.out = torch.zeros(B, n, H, D, dtype=self.dtype, device=q.device)
         self.lse = torch.full((B, H, n), _NEG_INF, dtype=self.dtype, device=q.device)
-        self.written = []     # row spans merged so far, on the host: no GPU read
 
     def add(self, q0: int, q1: int, out: torch.Tensor, lse: torch.Tensor):
-        first = not any(a < q1 and q0 < b for a, b in self.written)
-        self.written.append((q0, q1))
-        if first:                      # first contribution to these rows: a copy
-            self.out[:, q0:q1] = out
-            self.lse[:, :, q0:q1] = lse
-            return
-        acc_out, acc_lse = self.out[:, q0:q1], self.lse[:, :, q0:q1]
-        lse = lse.to(self.dtype)
-        new = torch.logaddexp(acc_lse, lse)
-        # Rows still empty on both sides stay (0, -inf): shift by 0 there instead of -inf - -inf.
-        ref = new.masked_fill(new == _NEG_INF, 0.0)
-        w_acc = torch.exp(acc_lse - ref).transpose(1, 2).unsqueeze(-1)
-        w_new = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
-        acc_out.mul_(w_acc).add_(out.to(self.dtype) * w_new)
-        acc_lse.copy_(new)
+        assert out.shape[1] == q1 - q0
+        ops.merge_attention_(self.out, self.lse, out, lse, q0)

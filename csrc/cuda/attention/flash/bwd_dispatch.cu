@@ -25,16 +25,16 @@ cudaError_t run_for_dtype(const AttentionParams& p, const AttentionGrads& g, cud
 
 }  // namespace
 
-size_t flash_backward_workspace(const AttentionParams& p, AttnDtype, bool deterministic) {
+size_t flash_backward_workspace(const AttentionParams& p, KernelDtype, bool deterministic) {
   return flash::bwd_workspace(p, deterministic).total;
 }
 
-cudaError_t flash_backward(const AttentionParams& p, const AttentionGrads& g, AttnDtype dtype,
+cudaError_t flash_backward(const AttentionParams& p, const AttentionGrads& g, KernelDtype dtype,
                            cudaStream_t stream) {
   switch (dtype) {
-    case AttnDtype::kFloat16:
+    case KernelDtype::kFloat16:
       return run_for_dtype<cutlass::half_t>(p, g, stream);
-    case AttnDtype::kBFloat16:
+    case KernelDtype::kBFloat16:
       return run_for_dtype<cutlass::bfloat16_t>(p, g, stream);
     default:
       return cudaErrorInvalidValue;

@@ -9,7 +9,6 @@
 #include "common/attention_params.h"
 #include "cuda/attention/flash/bwd_params.h"
 #include "cuda/attention/flash/bwd_utils.h"
-#include "cuda/attention/flash/softcap_math.h"
 
 namespace longattn::cuda::flash {
 
@@ -110,7 +109,7 @@ BWD_DEVICE void probs_from_scores(S& s, G& gcap, Coords const& c, const TileRows
         if constexpr (kSoftcap) {
           const float th = softcap_tanh(x * bp.inv_softcap);
           x = bp.softcap * th;
-          gcap(mi, ni) = static_cast<SoftcapGrad>(1.f - th * th);
+          gcap(mi, ni) = static_cast<SoftcapGrad>(softcap_derivative(th));
         }
         if (has_alibi) x += alibi_bias(slope, d0 + row, get<1>(c(0, ni)));
         s(mi, ni) = exp2f(fmaf(x, kLog2e, -r.lse2[mi]));

@@ -6,8 +6,6 @@
 #include <cutlass/array.h>
 #include <cutlass/numeric_conversion.h>
 
-#include "cuda/attention/flash/softcap_math.h"
-
 #if defined(__CUDACC__)
 #define BWD_DEVICE __device__ __forceinline__
 #else

@@ -7,9 +7,9 @@
 
 namespace longattn::cuda {
 
-cudaError_t flash_forward(const AttentionParams& p, AttnDtype dtype, cudaStream_t stream) {
+cudaError_t flash_forward(const AttentionParams& p, KernelDtype dtype, cudaStream_t stream) {
   if (!flash_supported(dtype, p.head_dim)) return cudaErrorInvalidValue;
-  const bool bf16 = dtype == AttnDtype::kBFloat16;
+  const bool bf16 = dtype == KernelDtype::kBFloat16;
   const bool plain = p.score.plain();
   using Fn = cudaError_t (*)(const AttentionParams&, cudaStream_t);
   Fn fn = nullptr;

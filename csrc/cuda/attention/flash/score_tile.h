@@ -9,7 +9,6 @@
 #include <cute/tensor.hpp>
 
 #include "common/attention_params.h"
-#include "cuda/attention/flash/softcap_math.h"
 
 namespace longattn::cuda::flash {
 
@@ -29,7 +28,7 @@ __device__ __forceinline__ void transform_scores(Scores& s, const Coords& c,
       const float inv_cap = rs / softcap;
 #pragma unroll
       for (int ni = 0; ni < size<1>(s); ++ni) {
-        s(mi, ni) = softcap * softcap_tanh(s(mi, ni) * inv_cap);
+        s(mi, ni) = softcap_logit(s(mi, ni), inv_cap, softcap);
       }
     } else {
 #pragma unroll

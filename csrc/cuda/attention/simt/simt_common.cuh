@@ -3,8 +3,8 @@
 // GEMM on shared-memory tiles, and the walk of a query tile over its key tiles.
 //
 // Accumulation type A = acc_t<T> (cuda/device_common.cuh): fp32, fp64 for double inputs. fp32 math
-// uses the fast exp/log intrinsics (the build compiles with --use_fast_math anyway); tanh is
-// spelled through exp so no approximate tanh instruction is ever used, and saturates exactly.
+// uses the fast exp/log intrinsics (the build compiles with --use_fast_math anyway); softcap's
+// tanh is common/scores.h's, which never uses the approximate tanh instruction.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -35,16 +35,6 @@ __device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return ::exp(x); }
 __device__ __forceinline__ float acc_log(float x) { return __logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return ::log(x); }
-
-// cap * tanh(x * inv). fp32: 1 - 2 / (exp(2y) + 1), the CPU vector path's form; the argument
-// is clamped where tanh is 1 in fp32 anyway, so exp never overflows.
-__device__ __forceinline__ float softcap_fn(float x, float inv, float cap) {
-  const float e = __expf(fminf(x * (2.f * inv), 40.f));
-  return cap * (1.f - 2.f / (e + 1.f));
-}
-__device__ __forceinline__ double softcap_fn(double x, double inv, double cap) {
-  return cap * ::tanh(x * inv);
-}
 
 template <typename A>
 __device__ __forceinline__ A amax(A a, A b) {
@@ -115,11 +105,8 @@ __device__ __forceinline__ A transform_logit(A raw, A rs, const ScoreParams& sp,
                                              int64_t pos, int64_t s, A* softcap_grad) {
   A x;
   if (sp.softcap > 0.0) {
-    x = softcap_fn(raw, rs / cap, cap);
-    if (softcap_grad != nullptr) {
-      const A t = x * (A(1) / cap);
-      *softcap_grad = A(1) - t * t;
-    }
+    x = softcap_logit(raw, rs / cap, cap);
+    if (softcap_grad != nullptr) *softcap_grad = softcap_derivative(x * (A(1) / cap));
   } else {
     x = raw * rs;
   }
