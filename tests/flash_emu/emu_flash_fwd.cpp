@@ -9,11 +9,11 @@ extern "C" {
 
 // 0 on success; otherwise the message is copied into err.
 int emu_flash_fwd(const EmuArgs* a, char* err, int err_len) {
-  using longattn::cuda::AttnDtype;
+  using longattn::cuda::KernelDtype;
   try {
-    const AttnDtype dtype = a->dtype == 0 ? AttnDtype::kFloat16 : AttnDtype::kBFloat16;
+    const KernelDtype dtype = a->dtype == 0 ? KernelDtype::kFloat16 : KernelDtype::kBFloat16;
     if (!longattn::cuda::flash_supported(dtype, a->head_dim)) emu::fail("no flash forward for this head dim");
-    if (dtype == AttnDtype::kFloat16) {
+    if (dtype == KernelDtype::kFloat16) {
       emu::forward<cutlass::half_t>(*a);
     } else {
       emu::forward<cutlass::bfloat16_t>(*a);
