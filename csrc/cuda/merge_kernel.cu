@@ -84,12 +84,8 @@ cudaError_t launch(const MergeParams& p, bool backward, cudaStream_t stream) {
   if (items == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((items + kWarpsPerBlock - 1) / kWarpsPerBlock));
   const dim3 block(32 * kWarpsPerBlock);
-  if (backward) {
-    merge_backward_kernel<T><<<grid, block, 0, stream>>>(p);
-  } else {
-    merge_forward_kernel<T><<<grid, block, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  return launch_kernel(backward ? merge_backward_kernel<T> : merge_forward_kernel<T>, grid, block,
+                       0, stream, p);
 }
 
 cudaError_t dispatch(const MergeParams& p, MergeDtype dtype, bool backward, cudaStream_t stream) {

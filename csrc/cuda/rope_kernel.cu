@@ -34,8 +34,7 @@ __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail
   constexpr int kElems = Interleaved ? 2 * N : N;
   constexpr int kTailN = 16 / sizeof(T);
   const int64_t half = p.rotary_dim / 2;
-  extern __shared__ __align__(16) unsigned char smem[];
-  C* cos_t = reinterpret_cast<C*>(smem) + threadIdx.y * 2 * half;
+  C* cos_t = dynamic_smem<C>() + threadIdx.y * 2 * half;
   C* sin_t = cos_t + half;
 
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -154,9 +153,8 @@ cudaError_t launch_typed(const RopeParams& p, cudaStream_t stream) {
   for (int x = 0; x < p.n_tensors; ++x) {
     tail_vec = tail_vec && (p.x[x].head_dim - p.rotary_dim) % (16 / sizeof(T)) == 0;
   }
-  rope_kernel<T, N, Vec, Interleaved><<<dim3(static_cast<unsigned>(blocks)), dim3(tpt, tpb),
-                                       tpb * table_bytes, stream>>>(p, tail_vec);
-  return cudaGetLastError();
+  return launch_kernel(rope_kernel<T, N, Vec, Interleaved>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(tpt, tpb), tpb * table_bytes, stream, p, tail_vec);
 }
 
 template <typename T>

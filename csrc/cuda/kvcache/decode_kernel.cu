@@ -72,9 +72,8 @@ __global__ void __launch_bounds__(kThreads) decode_chunk_kernel(const DecodePara
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const A ninf = static_cast<A>(-INFINITY);
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  A* qs = reinterpret_cast<A*>(smem);  // [kRowBlock][D] query rows of the pass
-  A* probs = qs + kRowBlock * p.D;     // [kRowBlock][kProbStride] logits, then exp(s - max)
+  A* qs = dynamic_smem<A>();        // [kRowBlock][D] query rows of the pass
+  A* probs = qs + kRowBlock * p.D;  // [kRowBlock][kProbStride] logits, then exp(s - max)
   __shared__ A row_max[kRowBlock], row_sum[kRowBlock];
 
   const T* q = static_cast<const T*>(p.q) + (b * p.Hq + h * p.G) * p.n * p.D;  // row r at r * D
@@ -268,9 +267,10 @@ cudaError_t launch_chunks(const DecodeParams& p, int64_t nch, cudaStream_t strea
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B)),
-           kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel,
+                       dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv),
+                            static_cast<unsigned>(p.B)),
+                       kThreads, smem, stream, p);
 }
 
 template <typename T>
@@ -290,13 +290,15 @@ cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
   const int64_t warps_per_block = kThreads / 32;
   const int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  decode_combine_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, nch);
-  if (p.scores != nullptr && nch > 0) {
-    decode_scores_kernel<A><<<dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv),
-                                   static_cast<unsigned>(p.B)),
-                              kThreads, 0, stream>>>(p);
+  cudaError_t e = launch_kernel(decode_combine_kernel<T>, static_cast<unsigned>(blocks), kThreads,
+                                0, stream, p, nch);
+  if (e == cudaSuccess && p.scores != nullptr && nch > 0) {
+    e = launch_kernel(decode_scores_kernel<A>,
+                      dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv),
+                           static_cast<unsigned>(p.B)),
+                      kThreads, 0, stream, p);
   }
-  return cudaGetLastError();
+  return e;
 }
 
 }  // namespace
