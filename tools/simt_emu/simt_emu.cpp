@@ -6,7 +6,8 @@
 // guard bands that must survive (no write out of bounds).
 // torch.ops.longattn_emu.configure sets both for the other emulated ops (units/*.cpp).
 #include <dlfcn.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "attention_args.h"
 // After torch: the emulation's macros (__shared__, threadIdx, ...) must not reach its headers.
