@@ -9,6 +9,8 @@
 #                for a GPU machine without nvidia-cutlass or network: bash bench/gpu_check.sh there
 #   make kvpress-test  tests/test_kvcache_kvpress.py against NVIDIA kvpress, installed --no-deps
 #                into side directories under $(KVPRESS_DIR) (not the venv); see below
+#   make emu-test  the CUDA kernels on the CPU (tools/simt_emu) under a subset of the suite; needs
+#                the built extension (make build), like `check`; see below
 #   make clean   remove build outputs (keeps the venv); make distclean also removes the venv
 # Overridable: PYTHON, VENV, TORCH (e.g. TORCH=torch==2.14.1), PYTEST_ARGS, BENCH_ARGS,
 # MAX_JOBS, V=1 (verbose build), and the LONGATTN_* knobs read by setup.py.
@@ -56,7 +58,22 @@ define kvpress_install
 	  set -e; rm -rf $(1); $(PIP) install -q --no-deps --target $(1) $(2); echo "$(2)" > $(1)/.stamp; fi
 endef
 
-.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry kvpress-test
+# emu-test: the SIMT attention, rope, merge and KV-cache CUDA kernels, with their launchers and
+# CUDA registrations, run on the CPU under tools/simt_emu (pytest -p pytest_simt_emu). The rope,
+# merge and KV-cache suites run whole; of test_attention / test_backward (about 11 minutes under
+# the emulator on two cores, 8 of them the fp64 gradchecks) EMU_K leaves out the gradchecks,
+# the long sequences, the GQA and cross-length sweeps and the fp16/fp64 option sweeps (fp16 and
+# fp64 still run through test_grads and the head-dim, varlen, masked-row tests). About 3 minutes
+# on two cores with the emulator's first build (kept in EMU_BUILD); EMU_K= runs everything.
+EMU_BUILD ?= build/simt_emu
+EMU_TESTS ?= tests/test_attention.py tests/test_backward.py tests/test_rope.py \
+             tests/test_rope_frequencies.py tests/test_merge.py tests/test_kvcache.py \
+             tests/test_kvcache_policies.py tools/simt_emu/test_emu_cuda_paths.py
+EMU_K     ?= not test_gradcheck_attention and not test_lengths and not test_gqa and \
+             not test_options_cross_lengths and not (test_options and (fp16 or fp64))
+
+.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry kvpress-test \
+        emu-test
 
 venv:
 	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
@@ -102,6 +119,12 @@ cuda-build: cuda-venv
 # ~13 MiB of headers (the device tool carries 64 MiB in all): carry [".cutlass"] with the source.
 cutlass-carry: venv
 	$(VPY) bench/cutlass_carry.py
+
+emu-test:
+	@mkdir -p $(EMU_BUILD)
+	SIMT_EMU_BUILD=$(abspath $(EMU_BUILD)) PYTHONPATH=$(abspath python):$(abspath tools/simt_emu) \
+	  $(VPY) -m pytest -q -p no:cacheprovider -p pytest_simt_emu $(if $(EMU_K),-k "$(EMU_K)",) \
+	  $(PYTEST_ARGS) $(EMU_TESTS)
 
 kvpress-test: build
 	$(call kvpress_install,$(KVPRESS_DIR)/lite,$(KVPRESS))

@@ -54,6 +54,30 @@ def test_decode_matches_dense(dtype, n_new, mask, device):
     assert torch.equal(scores[1, 0], scores0[1, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_decode_strided_unaligned(dtype, device):
+    """Caches whose slot rows are not whole 16-byte vectors (odd head dims, padded slots, an
+    offset start: the CUDA kernel's scalar path), GQA groups of more than 8 rows, int64
+    lengths, and positions / q_positions / scores given as strided views."""
+    B, Hq, Hkv, C, D, Dv, n = 2, 6, 2, 300, 13, 7, 2
+    k = torch.randn(B, Hkv, C, D + 3)[..., 1:D + 1].to(dtype).to(device)
+    v = torch.randn(B, Hkv, C, Dv + 1)[..., :Dv].to(dtype).to(device)
+    lens = torch.tensor([[300, 1], [257, 0]], device=device)
+    pos = torch.randint(1, 3, (B, Hkv, 2 * C)).cumsum(-1)[..., ::2].to(device)
+    qpos = torch.tensor([[590, 600, 0, 0], [400, 402, 0, 0]], device=device)[:, :2 * n:2]
+    q = torch.randn(B, Hq, n, D).to(dtype).to(device)
+    scores = torch.rand(B, Hkv, 2 * C, device=device)[..., ::2]
+    scores0 = scores.clone()
+    out, lse = kvc.decode_attention(q, k, v, lens, positions=pos, q_positions=qpos, window=200,
+                                    sinks=3, scores=scores)
+    out_ref, lse_ref, p = decode_attention_ref(q, k, v, lens, positions=pos, q_positions=qpos,
+                                               window=200, sinks=3)
+    torch.testing.assert_close(out, out_ref, **TOL[dtype])
+    torch.testing.assert_close(lse, lse_ref, **TOL[torch.float32 if dtype != torch.float64 else dtype])
+    inc = p.view(B, Hkv, Hq // Hkv, n, C).sum((2, 3)).float()
+    torch.testing.assert_close(scores, scores0 + inc, atol=1e-4, rtol=1e-4)
+
+
 def test_scores_equal_eager_softmax(device):
     """The accumulated scores are the eager softmax probabilities summed over the q heads of
     each kv head and over several decode steps."""
@@ -138,26 +162,32 @@ def test_compaction_long_shift(device):
         assert torch.equal(got[0, 1, :1000], ref[0, 1, :1000])
 
 
-def _rotated_cache(B, H, C, D, dtype, lengths, device, big):
+def _rotated_cache(B, H, C, D, dtype, lengths, device, big, strided=False):
     """A cache of keys rotated at increasing positions with gaps (offset by 2**40 when big:
-    the exact-angle path of rope_math.h)."""
+    the exact-angle path of rope_math.h). strided: k and v are views of padded slot rows that
+    start one element in (no row on a 16-byte boundary)."""
     k, v, lens, pos = _cache(B, H, C, D, torch.float32, lengths, pos_gaps=True)
     if big:
         pos = pos + 2 ** 40
     inv_freq, _ = longattn.rope.frequencies(D, 10000.0)
-    return k.to(dtype).to(device), v.to(dtype).to(device), lens.to(device), pos.to(device), inv_freq
+    k, v = k.to(dtype).to(device), v.to(dtype).to(device)
+    if strided:
+        k = torch.zeros(B, H, C, D + 3, dtype=dtype, device=device)[..., 1:D + 1].copy_(k)
+        v = torch.zeros(B, H, C, D + 1, dtype=dtype, device=device)[..., 1:].copy_(v)
+    return k, v, lens.to(device), pos.to(device), inv_freq
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("layout", ["neox", "interleaved", "partial"])
+@pytest.mark.parametrize("layout", ["neox", "interleaved", "partial", "neox_strided",
+                                    "interleaved_strided"])
 def test_compact_rerotate_equals_compact_then_rerotate(dtype, layout, device):
     B, H, C, D = 2, 3, 300, 32
     big = dtype in (torch.float32, torch.float64)  # also the exact-angle path for big shifts
     k, v, lens, pos, inv_freq = _rotated_cache(B, H, C, D, dtype, [300, 150, 0, 10, 299, 64],
-                                               device, big)
+                                               device, big, strided=layout.endswith("_strided"))
     rd = D // 2 if layout == "partial" else D
     inv_freq = inv_freq[: rd // 2].to(device)
-    interleaved = layout == "interleaved"
+    interleaved = layout.startswith("interleaved")
     scores = torch.rand(B, H, C, device=device)
     keep, counts = _random_keep(lens, 100)
     # New positions: mostly the slot index (StreamingLLM), some heads shifted elsewhere.

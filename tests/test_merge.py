@@ -192,7 +192,7 @@ def test_varlen_merge_of_key_splits(device):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("p_neginf", [0.0, 0.3])
 def test_merge_grads(n, dtype, p_neginf, device):

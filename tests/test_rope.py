@@ -91,6 +91,24 @@ def test_layouts(device, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_unaligned_rows(device, dtype, interleaved):
+    """Rows off 16-byte boundaries (views one element in, odd strides) and rotary dims that
+    split no vector evenly: every dtype's scalar path, the tail copied element by element."""
+    B, L, Hq, Hk, D, R = 2, 7, 3, 2, 27, 18
+    q = torch.randn(B, L, Hq, D + 2, device=device).to(dtype)[..., 1:D + 1]
+    k = torch.randn(B, L, Hk, D + 1, device=device).to(dtype)[..., 1:]
+    pos = torch.randint(-3000, 3000, (B, L), device=device, dtype=torch.int32)
+    inv = _inv(R, device=device)
+    qo, ko = apply_rope(q, k, pos, inv, attention_scaling=0.8, interleaved=interleaved)
+    kw = dict(attention_scaling=0.8, interleaved=interleaved, rotary_dim=R)
+    _check(q, qo, pos, inv, **kw)
+    _check(k, ko, pos, inv, **kw)
+    assert torch.equal(qo[..., R:], q[..., R:]) and torch.equal(ko[..., R:], k[..., R:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_single_tensor_and_decode_split(device):
     # One token, many heads: the CPU splits a token's heads over threads.
     x = torch.randn(1, 1, 64, 128, device=device)

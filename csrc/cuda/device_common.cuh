@@ -1,6 +1,12 @@
 // Building blocks shared by the CUDA kernels: the accumulation type (fp32, fp64 for fp64, as
 // the CPU kernels' acc_t), conversions to and from it, runs of N contiguous elements moved with
-// one 16-byte access when aligned, warp reductions. No ATen here.
+// one 16-byte access when aligned, warp reductions, the CTA's dynamic shared memory and the
+// kernel launch. No ATen here.
+//
+// tools/simt_emu runs the kernels on the CPU to test them without a GPU: it defines
+// LONGATTN_SIMT_EMULATION and supplies its own dynamic_smem and launch_kernel, so the
+// launchers run unchanged there (no <<<>>> outside launch_kernel, no extern __shared__
+// outside dynamic_smem).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,6 +16,23 @@
 #include <type_traits>
 
 namespace longattn::cuda {
+
+#ifndef LONGATTN_SIMT_EMULATION
+// The CTA's dynamic shared memory, as A.
+template <typename A>
+__device__ __forceinline__ A* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<A*>(smem_raw);
+}
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...); the launch error.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t stream, const Args&... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -108,20 +108,16 @@ template <typename T>
 cudaError_t launch(const MergeParams& p, bool backward, cudaStream_t stream) {
   const int64_t items = p.outer * p.L * p.H;
   if (items == 0) return cudaSuccess;
-  if (backward) {
-    merge_backward_kernel<T><<<warps_grid(items), 32 * kWarpsPerBlock, 0, stream>>>(p);
-  } else {
-    merge_forward_kernel<T><<<warps_grid(items), 32 * kWarpsPerBlock, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  return launch_kernel(backward ? merge_backward_kernel<T> : merge_forward_kernel<T>,
+                       warps_grid(items), dim3(32 * kWarpsPerBlock), 0, stream, p);
 }
 
 template <typename T>
 cudaError_t launch(const MergeIntoParams& p, cudaStream_t stream) {
   const int64_t items = p.outer * p.n * p.H;
   if (items == 0) return cudaSuccess;
-  merge_into_kernel<T><<<warps_grid(items), 32 * kWarpsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(merge_into_kernel<T>, warps_grid(items), dim3(32 * kWarpsPerBlock), 0,
+                       stream, p);
 }
 
 // launch<T>(args...) with T the element type of dtype.

@@ -28,7 +28,6 @@ Inputs prepare(at::TensorList outs, at::TensorList lses) {
   TORCH_CHECK_VALUE(static_cast<int>(outs.size()) <= kMaxMergePartials,
                     "merge_attention on CUDA takes at most ", kMaxMergePartials,
                     " partials per call, got ", outs.size(), " (merge them in groups)");
-  TORCH_CHECK_VALUE(outs[0].is_cuda(), "merge_attention: outs must be CUDA tensors here");
   const auto acc = acc_type(outs[0].scalar_type());
   for (size_t k = 0; k < outs.size(); ++k) {
     in.outs.push_back(outs[k].contiguous());

@@ -94,8 +94,7 @@ __global__ void __launch_bounds__(256, 3)
   const int tpt = blockDim.x, tx = threadIdx.x, ty = threadIdx.y, rows = blockDim.y;
   const int slots = head_slots(units_per_row, tpt);
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  double* run = reinterpret_cast<double*>(smem);  // rows x half
+  double* run = dynamic_smem<double>();  // rows x half
   C* tables = reinterpret_cast<C*>(run + rows * half);  // rows x (cos, sin)
   C* cos_t = tables + ty * 2 * half;
   C* sin_t = cos_t + half;
@@ -214,15 +213,15 @@ template <typename T, int N, bool Vec, bool Interleaved>
 cudaError_t launch_typed(const RopeParams& p, double* workspace, cudaStream_t stream) {
   const FreqGradGeometry geo = freq_grad_geometry<T>(p, N);
   const int64_t half = p.rotary_dim / 2;
-  rope_freq_grad_kernel<T, N, Vec, Interleaved>
-      <<<dim3(static_cast<unsigned>(geo.blocks)), dim3(geo.tpt, geo.rows), geo.smem, stream>>>(
-          p, workspace, rope_device::tail_vectorizable<T>(p));
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_kernel(rope_freq_grad_kernel<T, N, Vec, Interleaved>,
+                                        dim3(static_cast<unsigned>(geo.blocks)),
+                                        dim3(geo.tpt, geo.rows), geo.smem, stream, p, workspace,
+                                        rope_device::tail_vectorizable<T>(p));
   if (err != cudaSuccess) return err;
   const int64_t finish_blocks = (half + kFinishThreads / 32 - 1) / (kFinishThreads / 32);
-  rope_freq_grad_finish<<<dim3(static_cast<unsigned>(finish_blocks)), kFinishThreads, 0, stream>>>(
-      workspace, geo.blocks, half, p.forward_angle_sign(), p.grad_inv_freq, p.inv_freq_fp64);
-  return cudaGetLastError();
+  return launch_kernel(rope_freq_grad_finish, dim3(static_cast<unsigned>(finish_blocks)),
+                       dim3(kFinishThreads), 0, stream, workspace, geo.blocks, half,
+                       p.forward_angle_sign(), p.grad_inv_freq, p.inv_freq_fp64);
 }
 
 template <typename T>

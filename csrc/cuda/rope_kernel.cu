@@ -27,8 +27,7 @@ __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail
   using C = acc_t<T>;
   constexpr int kElems = Interleaved ? 2 * N : N;
   const int64_t half = p.rotary_dim / 2;
-  extern __shared__ __align__(16) unsigned char smem[];
-  C* cos_t = reinterpret_cast<C*>(smem) + threadIdx.y * 2 * half;
+  C* cos_t = dynamic_smem<C>() + threadIdx.y * 2 * half;
   C* sin_t = cos_t + half;
 
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -92,10 +91,9 @@ cudaError_t launch_typed(const RopeParams& p, cudaStream_t stream) {
   tpb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tpb, (48 * 1024) / table_bytes)));
   const int64_t blocks = (p.tokens() + tpb - 1) / tpb;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  rope_kernel<T, N, Vec, Interleaved><<<dim3(static_cast<unsigned>(blocks)), dim3(tpt, tpb),
-                                       tpb * table_bytes, stream>>>(
-      p, rope_device::tail_vectorizable<T>(p));
-  return cudaGetLastError();
+  return launch_kernel(rope_kernel<T, N, Vec, Interleaved>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(tpt, tpb), tpb * table_bytes, stream, p,
+                       rope_device::tail_vectorizable<T>(p));
 }
 
 template <typename T>

@@ -1,12 +1,26 @@
-"""Builds tools/simt_emu (the SIMT CUDA kernels on the CPU, include/cuda_emu.h) and routes
-``longattn.attention`` through it: ``install()`` swaps the ops object longattn.attention calls,
-so the suite's own checks (tests/helpers.py) run against the emulated kernels.
+"""Builds tools/simt_emu (the SIMT CUDA kernels on the CPU, include/cuda_emu.h) and routes the
+suite's calls through it (``install()``), so the suite's own tests check the CUDA kernels:
+
+* ``longattn.attention``: the ops object longattn.attention calls is swapped for one whose
+  attention runs ``torch.ops.longattn_emu.attention`` / ``attention_backward`` (simt_emu.cpp:
+  the SIMT launchers with guard bands around every output).
+* rope, rope_, rope_backward, merge_attention(_backward), merge_attention_, decode_attention,
+  compact_, compact_rerotate_:
+  the CUDA registrations (csrc/cuda/*_register.cpp) and kernels (csrc/cuda/*.cu) are compiled
+  unchanged for the CPU (units/*.cpp) and registered on the PrivateUse1 key; install() makes
+  the ops' CPU kernels redispatch there, so every caller (the Python API, autograd, opcheck,
+  torch.compile) runs the emulated CUDA path. Tensors the registrations allocate start as NaN
+  (torch's deterministic fill of uninitialized memory, on during the call), so a value no
+  kernel wrote shows.
 
 ``SETTINGS``: ``smem_limit`` (the emulated device's opt-in shared memory; small values force
-small tiles) and ``seed`` (CTA order and thread interleaving)."""
+small attention tiles and cap what the other kernels may opt into) and ``seed`` (CTA order and
+thread interleaving)."""
 from __future__ import annotations
 
+import glob
 import os
+import warnings
 
 import torch
 from torch.utils.cpp_extension import load
@@ -15,13 +29,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SETTINGS = {"smem_limit": 80 * 1024, "seed": 0}
 
+#: The ops whose CUDA registration runs under the emulation (units/*_register.cpp).
+EMULATED_OPS = ("rope", "rope_", "rope_backward", "merge_attention", "merge_attention_backward",
+                "merge_attention_", "decode_attention", "compact_", "compact_rerotate_")
+
+_ARGS = ("attention_args.cpp", "rope_args.cpp", "merge_args.cpp", "kvcache_args.cpp")
+
 load(name="longattn_simt_emu",
-     sources=[os.path.join(HERE, "simt_emu.cpp"), os.path.join(REPO, "csrc", "attention_args.cpp")],
+     sources=[os.path.join(HERE, "simt_emu.cpp")]
+     + [os.path.join(REPO, "csrc", f) for f in _ARGS]
+     + sorted(glob.glob(os.path.join(HERE, "units", "*.cpp"))),
      extra_include_paths=[os.path.join(HERE, "include"), os.path.join(REPO, "csrc")],
-     extra_cflags=["-O2", "-std=c++20", "-Wno-unused-parameter"],
+     extra_cflags=["-O2", "-std=c++20", "-Wno-unused-parameter",
+                   # The kernels move T[] through uint4 as CUDA code does; g++ must not
+                   # assume the two never alias.
+                   "-fno-strict-aliasing"],
      build_directory=os.environ.get("SIMT_EMU_BUILD") or None,
      is_python_module=False, verbose=bool(os.environ.get("SIMT_EMU_VERBOSE")))
 emu = torch.ops.longattn_emu
+_EMULATED_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.PrivateUse1)
 
 
 def _knobs():
@@ -55,10 +81,67 @@ class _Ops:
         return getattr(torch.ops.longattn, name)
 
 
+def _emulated(op):
+    """A CPU kernel for ``op`` that runs its emulated CUDA registration."""
+
+    def kernel(*args, **kwargs):
+        emu.configure(*_knobs())
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        try:
+            return op.redispatch(_EMULATED_KEYS, *args, **kwargs)
+        finally:
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+    return kernel
+
+
+_library = None
+
+
 def install():
     import sys
 
+    global _library
     import longattn  # noqa: F401
 
     # The module, not the function longattn.attention that shadows it as a package attribute.
     sys.modules["longattn.attention"].ops = _Ops()
+    if _library is None:
+        _library = torch.library.Library("longattn", "IMPL")
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel"
+            warnings.simplefilter("ignore")
+            for name in EMULATED_OPS:
+                _library.impl(name, _emulated(getattr(torch.ops.longattn, name).default), "CPU")
+
+
+def _kernel_names(library):
+    """{offset: name} of the kernel instantiations in the library (nm, demangled)."""
+    import re
+    import subprocess
+
+    names = {}
+    nm = subprocess.run(["nm", "-C", "--defined-only", library], capture_output=True, text=True,
+                        check=True).stdout
+    for line in nm.splitlines():
+        addr, kind, name = line.split(" ", 2)
+        if kind not in "tTwW" or "{lambda" in name or not name.endswith(")"):
+            continue
+        m = re.match(r"(?:void )?longattn::cuda::(?:simt::)?(?:\(anonymous namespace\)::)?(\w+_kernel(?:<.*?>)?)\(", name)
+        if m:
+            names[int(addr, 16)] = m.group(1)
+    return names
+
+
+def coverage():
+    """(launched, never): kernel instantiation -> grids launched so far, and the
+    instantiations compiled into the emulation that no launch reached."""
+    library, offsets, counts = emu.launches()
+    names = _kernel_names(library)
+    launched = {names.get(o, f"<kernel at {o:#x}>"): n for o, n in zip(offsets, counts)}
+    never = sorted(set(names.values()) - set(launched))
+    return dict(sorted(launched.items())), never

@@ -1,16 +1,19 @@
 // torch.ops.longattn_emu.attention / attention_backward: the SIMT kernels run on the CPU under
-// include/cuda_emu.h, with the registration's checks (attention_args.cpp) and the launchers'
-// plans (simt_tiles.h). Same schemas as torch.ops.longattn plus `smem_limit` (the opt-in shared
-// memory of the emulated device: smaller values force smaller tiles) and `seed` (scheduling).
-// Outputs are allocated with NaN guard bands that must survive (no write out of bounds).
-#include <torch/extension.h>
+// include/cuda_emu.h, with the registration's checks (attention_args.cpp) and the real
+// launchers (simt_forward.cuh, simt_backward.cuh: tile plans, launch sequence). Same schemas as
+// torch.ops.longattn plus `smem_limit` (the opt-in shared memory of the emulated device:
+// smaller values force smaller tiles) and `seed` (scheduling). Outputs are allocated with NaN
+// guard bands that must survive (no write out of bounds).
+// torch.ops.longattn_emu.configure sets both for the other emulated ops (units/*.cpp).
+#include <dlfcn.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "attention_args.h"
 // After torch: the emulation's macros (__shared__, threadIdx, ...) must not reach its headers.
-#include "cuda_emu.h"
-#include "cuda/attention/simt/simt_backward_kernels.cuh"
-#include "cuda/attention/simt/simt_forward_kernel.cuh"
-#include "cuda/attention/simt/simt_launch.h"
+#include "cuda_runtime.h"
+#include "cuda/attention/simt/simt_backward.cuh"
+#include "cuda/attention/simt/simt_forward.cuh"
 
 namespace {
 
@@ -46,6 +49,15 @@ void check_guard(const Guarded& g, const char* name) {
               "simt_emu: write out of bounds of ", name);
 }
 
+void configure(int64_t smem_limit, int64_t seed) {
+  emu::g_device.smem_optin = static_cast<size_t>(smem_limit);
+  emu::g_device.seed = static_cast<uint32_t>(seed);
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "simt_emu: ", what, " failed to launch (", err, ")");
+}
+
 template <typename F>
 void dispatch(at::ScalarType st, F&& f) {
   switch (st) {
@@ -72,11 +84,9 @@ std::tuple<at::Tensor, at::Tensor> attention_emu(
   const Guarded lse = guarded_empty(lse_shape(args), q.options().dtype(lse_dtype(q)));
   p.out = out.view.data_ptr();
   p.lse = lse.view.data_ptr();
+  configure(smem_limit, seed);
   dispatch(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const SimtLaunch l = query_major_launch<ForwardSmem>(p, sizeof(acc_t<T>), smem_limit);
-    TORCH_CHECK(l.ok(), "simt_emu: no forward plan");
-    emu::launch(l.blocks, l.tiles.smem_bytes, [&] { simt_forward_kernel<T>(p, l.tiles); }, seed);
+    check_launch(launch_simt_forward<decltype(tag)>(p, nullptr), "the forward");
   });
   check_guard(out, "out");
   check_guard(lse, "lse");
@@ -113,20 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_em
   const Guarded ws = guarded_empty({static_cast<int64_t>(g.workspace_bytes)}, q.options().dtype(at::kByte));
   ws.view.zero_();
   g.workspace = ws.view.data_ptr();
-  // The launch sequence of launch_simt_backward (simt_backward.cuh).
+  configure(smem_limit, seed);
   dispatch(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const int64_t rows = p.total_q * p.heads_q;
-    if (rows > 0) emu::launch(ceil_div(rows, kWarps), 0, [&] { simt_delta_kernel<T>(p, g); }, seed);
-    if (g.dsink != nullptr && p.heads_q > 0) {
-      emu::launch(p.heads_q, 0, [&] { simt_dsink_kernel<T>(p, g); }, seed);
-    }
-    const SimtLaunch kv = key_major_launch(p, sizeof(acc_t<T>), smem_limit);
-    TORCH_CHECK(kv.ok(), "simt_emu: no dk/dv plan");
-    emu::launch(kv.blocks, kv.tiles.smem_bytes, [&] { simt_dkdv_kernel<T>(p, g, kv.tiles); }, seed);
-    const SimtLaunch dql = query_major_launch<DqSmem>(p, sizeof(acc_t<T>), smem_limit);
-    TORCH_CHECK(dql.ok(), "simt_emu: no dq plan");
-    emu::launch(dql.blocks, dql.tiles.smem_bytes, [&] { simt_dq_kernel<T>(p, g, dql.tiles); }, seed);
+    check_launch(launch_simt_backward<decltype(tag)>(p, g, nullptr), "the backward");
   });
   check_guard(dq, "dq");
   check_guard(dk, "dk");
@@ -147,6 +146,21 @@ std::vector<int64_t> plan(int64_t head_dim, int64_t elem_bytes, int64_t smem_lim
   return {f.bq, f.bk, q.bq, q.bk, kv.bq, kv.bk};
 }
 
+// The kernels launch_kernel ran since the library was loaded: this library's path, each
+// kernel's offset in it (nm's address; the kernels are local symbols, dladdr cannot name
+// them) and its launch count.
+std::tuple<std::string, std::vector<int64_t>, std::vector<int64_t>> launches() {
+  Dl_info info{};
+  TORCH_CHECK(dladdr(reinterpret_cast<void*>(&launches), &info) != 0, "simt_emu: dladdr failed");
+  const auto base = reinterpret_cast<uintptr_t>(info.dli_fbase);
+  std::vector<int64_t> offsets, counts;
+  for (const auto& [kernel, n] : emu::g_device.launches) {
+    offsets.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(kernel) - base));
+    counts.push_back(n);
+  }
+  return {info.dli_fname, offsets, counts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(longattn_emu, m) {
@@ -163,6 +177,8 @@ TORCH_LIBRARY(longattn_emu, m) {
       "int max_seqlen_q, int max_seqlen_k, int smem_limit, int seed) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
   m.def("plan(int head_dim, int elem_bytes, int smem_limit) -> int[]", &plan);
+  m.def("configure(int smem_limit, int seed) -> ()", &configure);
+  m.def("launches() -> (str library, int[] offsets, int[] counts)", &launches);
 }
 
 TORCH_LIBRARY_IMPL(longattn_emu, CPU, m) {

@@ -232,10 +232,9 @@ cudaError_t launch_rotate_units(const CompactParams& p, cudaStream_t stream) {
       std::max<int64_t>(1, kSliceBytes / (N * static_cast<int64_t>(sizeof(T)))));
   const int64_t slices = (units + per_slice - 1) / per_slice;
   if (slices > 65535) return cudaErrorInvalidConfiguration;
-  compact_rotate_kernel<T, N, Vec, Interleaved>
-      <<<dim3(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(slices)), kThreads, 0,
-         stream>>>(p, per_slice);
-  return cudaGetLastError();
+  return launch_kernel(compact_rotate_kernel<T, N, Vec, Interleaved>,
+                       dim3(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(slices)),
+                       kThreads, 0, stream, p, per_slice);
 }
 
 template <typename T>
@@ -259,9 +258,9 @@ cudaError_t launch_moves(const CompactParams& p, const MoveGeometry& g, cudaStre
   const int64_t slices = g.k_slices + g.v_slices + (g.meta ? 1 : 0);
   if (slices == 0) return cudaSuccess;
   if (slices > 65535) return cudaErrorInvalidConfiguration;
-  compact_move_kernel<W><<<dim3(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(slices)),
-                           kThreads, 0, stream>>>(p, g);
-  return cudaGetLastError();
+  return launch_kernel(compact_move_kernel<W>,
+                       dim3(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(slices)),
+                       kThreads, 0, stream, p, g);
 }
 
 int64_t element_size(KernelDtype dtype) {
@@ -280,8 +279,8 @@ cudaError_t launch_compact(const CompactParams& p, KernelDtype dtype, cudaStream
   if (bh > 0x7fffffff) return cudaErrorInvalidConfiguration;
   cudaError_t e = cudaMemsetAsync(p.error_flag, 0, sizeof(int32_t), stream);
   if (e != cudaSuccess) return e;
-  compact_validate_kernel<<<static_cast<unsigned>(bh), kThreads, 0, stream>>>(p);
-  if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  e = launch_kernel(compact_validate_kernel, static_cast<unsigned>(bh), kThreads, 0, stream, p);
+  if (e != cudaSuccess) return e;
 
   const bool rotate = p.new_positions != nullptr;
   if (rotate) {

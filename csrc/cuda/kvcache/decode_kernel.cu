@@ -35,6 +35,21 @@ static_assert(kChunk == kThreads, "one thread per key of a chunk");
 constexpr int kRowBlock = kThreads / 32;  // rows per pass: one warp per row for the softmax
 constexpr int kProbStride = kChunk + 1;   // padded rows of probabilities (no bank conflicts)
 
+// The chunk kernel's shared memory, all of it dynamic (elements of A): the launch opts in past
+// 48 KiB from this size alone, so no static __shared__ array may add to it.
+struct ChunkSmem {
+  int64_t qs = 0;            // [kRowBlock][D] query rows of the pass
+  int64_t probs;             // [kRowBlock][kProbStride] logits, then exp(s - max)
+  int64_t row_max, row_sum;  // [kRowBlock] each
+  int64_t total;
+  __host__ __device__ explicit ChunkSmem(int64_t D) {
+    probs = kRowBlock * D;
+    row_max = probs + kRowBlock * kProbStride;
+    row_sum = row_max + kRowBlock;
+    total = row_sum + kRowBlock;
+  }
+};
+
 __device__ __forceinline__ bool length_ok(int64_t L, int64_t C) { return L >= 0 && L <= C; }
 
 // acc + q[0..V) . k[0..V): q from shared memory, 16-byte loads when Vec.
@@ -72,10 +87,12 @@ __global__ void __launch_bounds__(kThreads) decode_chunk_kernel(const DecodePara
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const A ninf = static_cast<A>(-INFINITY);
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  A* qs = reinterpret_cast<A*>(smem);  // [kRowBlock][D] query rows of the pass
-  A* probs = qs + kRowBlock * p.D;     // [kRowBlock][kProbStride] logits, then exp(s - max)
-  __shared__ A row_max[kRowBlock], row_sum[kRowBlock];
+  const ChunkSmem layout(p.D);
+  A* smem = dynamic_smem<A>();
+  A* qs = smem + layout.qs;
+  A* probs = smem + layout.probs;
+  A* row_max = smem + layout.row_max;
+  A* row_sum = smem + layout.row_sum;
 
   const T* q = static_cast<const T*>(p.q) + (b * p.Hq + h * p.G) * p.n * p.D;  // row r at r * D
   const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
@@ -261,16 +278,17 @@ bool rows_vectorizable(const void* base, const int64_t (&strides)[3], int64_t ro
 template <typename T, int V, bool Vec>
 cudaError_t launch_chunks(const DecodeParams& p, int64_t nch, cudaStream_t stream) {
   using A = acc_t<T>;
-  const size_t smem = (kRowBlock * p.D + kRowBlock * kProbStride) * sizeof(A);
+  const size_t smem = ChunkSmem(p.D).total * sizeof(A);
   auto kernel = decode_chunk_kernel<T, V, Vec>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B)),
-           kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel,
+                       dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv),
+                            static_cast<unsigned>(p.B)),
+                       kThreads, smem, stream, p);
 }
 
 template <typename T>
@@ -290,13 +308,15 @@ cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
   const int64_t warps_per_block = kThreads / 32;
   const int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  decode_combine_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, nch);
-  if (p.scores != nullptr && nch > 0) {
-    decode_scores_kernel<A><<<dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv),
-                                   static_cast<unsigned>(p.B)),
-                              kThreads, 0, stream>>>(p);
+  cudaError_t e = launch_kernel(decode_combine_kernel<T>, static_cast<unsigned>(blocks), kThreads,
+                                0, stream, p, nch);
+  if (e == cudaSuccess && p.scores != nullptr && nch > 0) {
+    e = launch_kernel(decode_scores_kernel<A>,
+                      dim3(static_cast<unsigned>(nch), static_cast<unsigned>(p.Hkv),
+                           static_cast<unsigned>(p.B)),
+                      kThreads, 0, stream, p);
   }
-  return cudaGetLastError();
+  return e;
 }
 
 }  // namespace

@@ -1,14 +1,22 @@
-// A CPU emulation of the CUDA execution model, just enough to run the SIMT attention kernels
-// (csrc/cuda/attention/simt/*_kernel*.cuh) unmodified on the host, so their indexing,
-// synchronization and numerics can be tested against the reference without a GPU.
+// A CPU emulation of the CUDA execution model, just enough to run the SIMT CUDA kernels
+// (attention: csrc/cuda/attention/simt/*_kernel*.cuh; rope, merge, KV cache: csrc/cuda/*.cu,
+// csrc/cuda/kvcache/*.cu) unmodified on the host, so their indexing, synchronization and
+// numerics can be tested against the reference without a GPU.
 //
-// Each CTA runs as 256 fibers on one OS thread (x86-64 only: a six-register context switch). A fiber runs until it reaches a
-// barrier: __syncthreads (all 256), __syncwarp or a shuffle (the lanes of its mask). The next
+// Each CTA runs as blockDim.x * y * z fibers (at most 1024) on one OS thread (x86-64 only: a
+// six-register context switch); thread t of the CTA is (x, y, z) with t = x + X (y + Y z) and
+// lane t % 32 of warp t / 32, as on the hardware. A fiber runs until it reaches a barrier:
+// __syncthreads (the whole CTA), __syncwarp or a shuffle (the lanes of its mask). The next
 // fiber is picked at random among the runnable ones, so a missing barrier shows up as a wrong
-// result under some seed. Errors the hardware would leave undefined are reported: a barrier
-// some threads never reach (deadlock), a shuffle lane outside its mask, writes past the end of
-// shared memory. Shared memory starts as NaN bytes, so reading what nobody wrote poisons the
-// result.
+// result under some seed. CTAs run one after another in a random order. Errors the hardware
+// would leave undefined are reported: a barrier some threads never reach (deadlock), a shuffle
+// lane outside its mask, writes past the end of dynamic shared memory. Dynamic shared memory
+// starts as NaN bytes, so reading what nobody wrote poisons the result. (Static __shared__
+// variables are function statics: shared by every CTA, not poisoned.)
+//
+// cuda_runtime.h (the stand-in) adds the runtime calls the launchers make, and launch_kernel,
+// the emulated counterpart of device_common.cuh's: it checks the launch configuration as the
+// driver would and runs the grid here.
 #pragma once
 #include <math.h>
 
@@ -37,12 +45,18 @@
 
 using std::fma;
 
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
 // emu_swap(&save, load): saves the callee-saved registers and the stack pointer into *save and
-// resumes the context whose stack pointer is load.
+// resumes the context whose stack pointer is load. Weak: every translation unit that includes
+// this header emits it, the linker keeps one.
 extern "C" void emu_swap(void** save, void* load);
 asm(R"(
   .text
-  .globl emu_swap
+  .weak emu_swap
   .type emu_swap, @function
 emu_swap:
   pushq %rbp
@@ -64,10 +78,6 @@ emu_swap:
 )");
 
 namespace emu {
-
-struct Dim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "simt_emu: %s\n", what);
@@ -94,17 +104,18 @@ struct Fiber {
   bool done = false;
 };
 
-constexpr int kBlockThreads = 256;
+constexpr int kMaxBlockThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 256;
 
 struct Cta {
-  Fiber fibers[kBlockThreads];
+  int threads = 0;
+  std::vector<Fiber> fibers;
   void* sched_sp = nullptr;
   int cur = 0;
   int done = 0;
   std::vector<int> ready;  // runnable fibers other than the current one
-  Barrier block{kBlockThreads, {}};
+  Barrier block;
   std::map<std::pair<int, unsigned>, Group> groups;  // (warp, lane mask)
   std::vector<unsigned char> smem;  // dynamic shared memory + a guard band
   size_t smem_bytes = 0;
@@ -112,8 +123,10 @@ struct Cta {
 };
 
 inline Cta* g_cta = nullptr;
-inline Dim3 g_tid, g_bid;
+inline dim3 g_tid, g_bid, g_block, g_grid;
 inline std::vector<char> g_stacks;
+
+inline int lane() { return g_cta->cur & 31; }
 
 inline void wait_on(Barrier& b) {
   Cta& c = *g_cta;
@@ -129,7 +142,7 @@ inline void wait_on(Barrier& b) {
 
 inline Group& group(unsigned mask) {
   Cta& c = *g_cta;
-  const int warp = static_cast<int>(g_tid.x / 32);
+  const int warp = c.cur / 32;
   auto it = c.groups.find({warp, mask});
   if (it == c.groups.end()) {
     it = c.groups.emplace(std::make_pair(warp, mask), Group{}).first;
@@ -147,17 +160,21 @@ inline Group& group(unsigned mask) {
   fail("a finished fiber was resumed");
 }
 
-// Runs body as CTA `block` of 256 threads with smem_bytes of dynamic shared memory.
-inline void run_cta(unsigned block, size_t smem_bytes, const std::function<void()>& body,
+// Runs body as the CTA at `block` of g_block's shape with smem_bytes of dynamic shared memory.
+inline void run_cta(dim3 block, size_t smem_bytes, const std::function<void()>& body,
                     std::mt19937& rng) {
+  const int threads = static_cast<int>(g_block.x * g_block.y * g_block.z);
   Cta* cta = new Cta;
   Cta& c = *cta;
   g_cta = cta;
+  c.threads = threads;
+  c.fibers.resize(threads);
+  c.block.expected = threads;
   c.body = &body;
   c.smem_bytes = smem_bytes;
   c.smem.assign(smem_bytes + kGuardBytes, 0xff);  // 0xff..: NaN as fp32 and fp64
-  if (g_stacks.size() < kStackBytes * kBlockThreads) g_stacks.assign(kStackBytes * kBlockThreads, 0);
-  for (int t = 0; t < kBlockThreads; ++t) {
+  if (g_stacks.size() < kStackBytes * threads) g_stacks.assign(kStackBytes * threads, 0);
+  for (int t = 0; t < threads; ++t) {
     // A fresh stack that emu_swap "returns" into fiber_entry from: six zero registers, the
     // entry address, and a dummy return address so the entry sees an ABI-aligned stack.
     auto* top = reinterpret_cast<void**>(g_stacks.data() + (t + 1) * kStackBytes);
@@ -166,11 +183,12 @@ inline void run_cta(unsigned block, size_t smem_bytes, const std::function<void(
     for (int r = 3; r <= 8; ++r) top[-r] = nullptr;
     c.fibers[t].sp = top - 8;
   }
-  for (int t = 0; t < kBlockThreads; ++t) c.ready.push_back(t);
-  while (c.done < kBlockThreads) {
+  for (int t = 0; t < threads; ++t) c.ready.push_back(t);
+  g_bid = block;
+  while (c.done < threads) {
     if (c.ready.empty()) {
-      std::fprintf(stderr, "simt_emu: deadlock in block %u: %d threads exited, the others wait\n",
-                   block, c.done);
+      std::fprintf(stderr, "simt_emu: deadlock in block (%u, %u, %u): %d threads exited, the others wait\n",
+                   block.x, block.y, block.z, c.done);
       fail("a barrier or shuffle some threads of its group never reach");
     }
     // Resume a random runnable fiber: it runs until it blocks at a barrier or exits.
@@ -179,8 +197,7 @@ inline void run_cta(unsigned block, size_t smem_bytes, const std::function<void(
     c.ready[i] = c.ready.back();
     c.ready.pop_back();
     c.cur = t;
-    g_tid.x = static_cast<unsigned>(t);
-    g_bid.x = block;
+    g_tid = dim3(t % g_block.x, (t / g_block.x) % g_block.y, t / (g_block.x * g_block.y));
     emu_swap(&c.sched_sp, c.fibers[t].sp);
   }
   for (size_t i = smem_bytes; i < c.smem.size(); ++i) {
@@ -190,31 +207,48 @@ inline void run_cta(unsigned block, size_t smem_bytes, const std::function<void(
   delete cta;
 }
 
-// A grid of `blocks` CTAs, in a random order (as the hardware may schedule them).
+// A grid of CTAs of `block` threads, in a random order (as the hardware may schedule them).
+inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body,
+                   uint32_t seed) {
+  const int64_t threads = int64_t{block.x} * block.y * block.z;
+  if (threads < 1 || threads > kMaxBlockThreads) fail("a block of 0 or more than 1024 threads");
+  std::mt19937 rng(seed);
+  std::vector<dim3> order;
+  order.reserve(int64_t{grid.x} * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) order.emplace_back(x, y, z);
+    }
+  }
+  std::shuffle(order.begin(), order.end(), rng);
+  g_grid = grid;
+  g_block = block;
+  for (const dim3& b : order) run_cta(b, smem_bytes, body, rng);
+}
+
+// A 1-D grid of `blocks` CTAs of 256 threads.
 inline void launch(int64_t blocks, size_t smem_bytes, const std::function<void()>& body,
                    uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<unsigned> order(blocks);
-  for (int64_t b = 0; b < blocks; ++b) order[b] = static_cast<unsigned>(b);
-  std::shuffle(order.begin(), order.end(), rng);
-  for (unsigned b : order) run_cta(b, smem_bytes, body, rng);
+  launch(dim3(static_cast<unsigned>(blocks)), dim3(256), smem_bytes, body, seed);
 }
 
 }  // namespace emu
 
 #define threadIdx (::emu::g_tid)
 #define blockIdx (::emu::g_bid)
+#define blockDim (::emu::g_block)
+#define gridDim (::emu::g_grid)
 
 inline void __syncthreads() { emu::wait_on(emu::g_cta->block); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
-  if (!((mask >> (threadIdx.x & 31)) & 1)) emu::fail("__syncwarp: calling lane not in mask");
+  if (!((mask >> emu::lane()) & 1)) emu::fail("__syncwarp: calling lane not in mask");
   emu::wait_on(emu::group(mask).bar);
 }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
-  const int lane = threadIdx.x & 31, src = lane ^ lane_mask;
+  const int lane = emu::lane(), src = lane ^ lane_mask;
   if (!((mask >> lane) & 1)) emu::fail("__shfl_xor_sync: calling lane not in mask");
   if (src > 31 || !((mask >> src) & 1)) emu::fail("__shfl_xor_sync: source lane not in mask");
   emu::Group& grp = emu::group(mask);
@@ -224,6 +258,18 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   T r;
   std::memcpy(&r, grp.slots[set][src], sizeof(T));
   return r;
+}
+
+// Fibers switch only at barriers, so a read-modify-write is atomic as it stands.
+inline int atomicMin(int* address, int v) {
+  const int old = *address;
+  *address = std::min(old, v);
+  return old;
+}
+inline int atomicExch(int* address, int v) {
+  const int old = *address;
+  *address = v;
+  return old;
 }
 
 template <typename A>

@@ -18,12 +18,14 @@ cudaError_t launch_simt_backward(const AttentionParams& p, const AttentionGrads&
 
   const int64_t rows = p.total_q * p.heads_q;
   if (rows > 0) {
-    simt_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(p, g);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = launch_kernel(simt_delta_kernel<T>, static_cast<unsigned>(ceil_div(rows, kWarps)),
+                        kThreads, 0, stream, p, g);
+    if (err != cudaSuccess) return err;
   }
   if (g.dsink != nullptr && p.heads_q > 0) {  // written even without rows (0 then)
-    simt_dsink_kernel<T><<<static_cast<unsigned>(p.heads_q), kThreads, 0, stream>>>(p, g);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = launch_kernel(simt_dsink_kernel<T>, static_cast<unsigned>(p.heads_q), kThreads, 0,
+                        stream, p, g);
+    if (err != cudaSuccess) return err;
   }
   err = launch_planned(simt_dkdv_kernel<T>, key_major_launch(p, sizeof(A), optin), stream, p, g);
   if (err != cudaSuccess) return err;

@@ -16,16 +16,6 @@
 
 namespace longattn::cuda::simt {
 
-// The CTA's dynamic shared memory, as A. (tools/simt_emu, which runs these kernels on the CPU
-// to test them without a GPU, defines LONGATTN_SIMT_EMULATION and supplies its own.)
-#ifndef LONGATTN_SIMT_EMULATION
-template <typename A>
-__device__ __forceinline__ A* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  return reinterpret_cast<A*>(smem_raw);
-}
-#endif
-
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
   return static_cast<A>(-INFINITY);

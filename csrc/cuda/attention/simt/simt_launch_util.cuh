@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/attention/simt/simt_tiles.h"
+#include "cuda/device_common.cuh"
 
 namespace longattn::cuda::simt {
 
@@ -17,7 +18,8 @@ inline cudaError_t smem_optin_limit(size_t* bytes) {
   return err;
 }
 
-// Launches kernel<<<l.blocks, kThreads, l.tiles.smem_bytes>>>(args..., l.tiles).
+// kernel<<<l.blocks, kThreads, l.tiles.smem_bytes>>>(args..., l.tiles), through launch_kernel
+// (cuda/device_common.cuh).
 template <typename... Params, typename... Args>
 cudaError_t launch_planned(void (*kernel)(Params...), const SimtLaunch& l, cudaStream_t stream,
                            const Args&... args) {
@@ -26,8 +28,8 @@ cudaError_t launch_planned(void (*kernel)(Params...), const SimtLaunch& l, cudaS
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.tiles.smem_bytes));
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(l.blocks), kThreads, l.tiles.smem_bytes, stream>>>(args..., l.tiles);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(static_cast<unsigned>(l.blocks)), dim3(kThreads),
+                       l.tiles.smem_bytes, stream, args..., l.tiles);
 }
 
 }  // namespace longattn::cuda::simt
