@@ -99,7 +99,6 @@ void merge_attention_inplace_cuda(const at::Tensor& out, const at::Tensor& lse,
                                   const at::Tensor& part_out, const at::Tensor& part_lse,
                                   int64_t row_start) {
   const MergeIntoShape ms = check_merge_into_args(out, lse, part_out, part_lse, row_start);
-  TORCH_CHECK_VALUE(out.is_cuda(), "merge_attention_: out must be a CUDA tensor here");
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor po = part_out.contiguous();
   const at::Tensor pl = part_lse.to(out.scalar_type()).contiguous();

@@ -33,7 +33,8 @@ SETTINGS = {"smem_limit": 80 * 1024, "seed": 0}
 EMULATED_OPS = ("rope", "rope_", "rope_backward", "merge_attention", "merge_attention_backward",
                 "merge_attention_", "decode_attention", "compact_", "compact_rerotate_")
 
-_ARGS = ("attention_args.cpp", "rope_args.cpp", "merge_args.cpp", "kvcache_args.cpp")
+_ARGS = ("attention_args.cpp", "rope_args.cpp", "merge_args.cpp", "kvcache_args.cpp",
+         "cuda/kernel_dtype_of.cpp")
 
 load(name="longattn_simt_emu",
      sources=[os.path.join(HERE, "simt_emu.cpp")]
