@@ -1,14 +1,18 @@
 // CPU attention forward: FlashAttention-style online softmax over score tiles.
-// Work item = (sequence, q head, query tile). For each item the mask yields at most two key
-// ranges (sinks, window band); tiles inside them are classified full/partial/empty, empty
-// tiles are never touched and only partial tiles pay for per-element masking. Score tiles
+// Work item = (sequence, q head, query tile); with few items and long key ranges each item's
+// key tiles are split into chunks merged afterwards (cpu/key_split.h). For each item the mask
+// yields at most two key ranges (sinks, window band); tiles inside them are classified
+// full/partial/empty, empty tiles are never touched and only partial tiles pay for
+// per-element masking. Score tiles
 // go through BLAS (Q K^T, P V); the softmax runs on at::vec rows.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
+#include "common/merge.h"
 #include "cpu/attention_kernels.h"
 #include "cpu/gemm.h"
+#include "cpu/key_split.h"
 #include "cpu/parallel.h"
 #include "cpu/tile.h"
 #include "cpu/work_items.h"
@@ -43,9 +47,34 @@ struct FwdScratch {
       : s(t.q * t.k), o(t.q * D), q(t.q * D), k(t.k * D), kt(t.k * D), v(t.k * D), m(t.q), l(t.q) {}
 };
 
+// Normalizes the accumulated row o (D values, running max m, sum l) in place and returns its
+// lse. A learned sink logit joins the denominator and carries no value. A row that saw
+// nothing (and has no sink logit) gets o = 0, lse = -inf.
+template <typename A>
+A finish_row(A m, A l, A* o, int64_t D, bool has_sink, A sink_logit) {
+  if (has_sink) {
+    const A m_new = std::max(m, sink_logit);
+    const A alpha = m == neg_inf<A>() ? A(0) : std::exp(m - m_new);
+    l = l * alpha + std::exp(sink_logit - m_new);
+    if (alpha != A(1)) scale_row<A>(o, D, alpha);
+    m = m_new;
+  }
+  if (l == A(0) || m == neg_inf<A>()) {
+    std::fill(o, o + D, A(0));
+    return neg_inf<A>();
+  }
+  scale_row<A>(o, D, A(1) / l);
+  return m + std::log(l);
+}
+
+// Key tiles [tile_begin, tile_end) of one work item (sequence, q head, query tile), counted
+// over its visible ranges in order (cpu/key_split.h). Without a partial the item is whole and
+// goes to out/lse; with one, the chunk's (out, lse) rows go to part_out (row stride D) and
+// part_lse without the sink logit, which the merge counts once.
 template <typename T>
-void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkItem& it,
-                  FwdScratch<T>& w) {
+void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkItem& it,
+                  int64_t tile_begin, int64_t tile_end, FwdScratch<T>& w, acc_t<T>* part_out,
+                  acc_t<T>* part_lse) {
   using A = acc_t<T>;
   const int64_t D = p.head_dim;
   const SeqInfo si = seq_info(p, it.b);
@@ -74,8 +103,10 @@ void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
 
   Range ranges[2];
   mask.key_ranges(i0, i0 + nq, si.k_len, &ranges[0], &ranges[1]);
+  int64_t tile_index = 0;
   for (const Range& keys : ranges) {
-    for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += tiles.k) {
+    for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += tiles.k, ++tile_index) {
+      if (tile_index < tile_begin || tile_index >= tile_end) continue;
       const int64_t nk = std::min(tiles.k, keys.hi - j0);
       const int64_t s0 = mask.k_start + j0;
       const TileKind kind = mask.classify(p0, p1, s0, s0 + nk - 1);
@@ -120,29 +151,54 @@ void forward_item(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
     }
   }
 
+  if (part_out != nullptr) {
+    for (int64_t r = 0; r < nq; ++r) {
+      A* o = O + r * D;
+      part_lse[r] = finish_row<A>(m[r], l[r], o, D, false, A(0));
+      std::copy(o, o + D, part_out + r * D);
+    }
+    return;
+  }
   T* out = static_cast<T*>(p.out) + out_offset(p, si, it.b, h) + i0 * p.heads_q * D;
   A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, it.b, h) + i0;
   const A sink_logit = sp.has_sink_logit ? static_cast<A>(p.sink_logit(h)) : neg_inf<A>();
   for (int64_t r = 0; r < nq; ++r) {
-    A mr = m[r], lr = l[r];
     A* o = O + r * D;
-    if (sp.has_sink_logit) {  // the sink joins the denominator and carries no value
-      const A m_new = std::max(mr, sink_logit);
-      const A alpha = mr == neg_inf<A>() ? A(0) : std::exp(mr - m_new);
-      lr = lr * alpha + std::exp(sink_logit - m_new);
-      if (alpha != A(1)) scale_row<A>(o, D, alpha);
-      mr = m_new;
+    lse[r] = finish_row<A>(m[r], l[r], o, D, sp.has_sink_logit, sink_logit);
+    store_row<T>(o, out + r * p.heads_q * D, D);
+  }
+}
+
+// The chunks of one split item, merged per row in chunk order (common/merge.h): the sink
+// logit joins as one more partial whose value is 0, so it counts once.
+template <typename T>
+void merge_chunks(const AttentionParams& p, const CpuTiles& tiles, const WorkItem& it,
+                  const SplitItem& sp_item, const acc_t<T>* part_out, const acc_t<T>* part_lse,
+                  std::vector<acc_t<T>>& buf) {
+  using A = acc_t<T>;
+  const int64_t D = p.head_dim, chunks = sp_item.chunks;
+  const SeqInfo si = seq_info(p, it.b);
+  const int64_t i0 = it.tile * tiles.q, nq = std::min(tiles.q, si.q_len - i0);
+  const bool has_sink = p.score.has_sink_logit;
+  const int n = static_cast<int>(chunks + (has_sink ? 1 : 0));
+  buf.resize(2 * n + D);
+  A* lses = buf.data();
+  A* weights = lses + n;
+  A* acc = weights + n;
+
+  T* out = static_cast<T*>(p.out) + out_offset(p, si, it.b, it.h) + i0 * p.heads_q * D;
+  A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, it.b, it.h) + i0;
+  for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) lses[c] = part_lse[(sp_item.first_slot + c) * tiles.q + r];
+    if (has_sink) lses[chunks] = static_cast<A>(p.sink_logit(it.h));
+    lse[r] = merge_weights<A>(lses, n, weights);
+    std::fill(acc, acc + D, A(0));
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (weights[c] == A(0)) continue;  // a chunk that saw nothing, or underflow
+      const A* o = part_out + ((sp_item.first_slot + c) * tiles.q + r) * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += weights[c] * o[d];
     }
-    T* dst = out + r * p.heads_q * D;
-    if (lr == A(0) || mr == neg_inf<A>()) {  // fully masked row
-      std::fill(o, o + D, A(0));
-      store_row<T>(o, dst, D);
-      lse[r] = neg_inf<A>();
-      continue;
-    }
-    scale_row<A>(o, D, A(1) / lr);
-    store_row<T>(o, dst, D);
-    lse[r] = mr + std::log(lr);
+    store_row<T>(acc, out + r * p.heads_q * D, D);
   }
 }
 
@@ -152,9 +208,33 @@ template <typename T>
 void attention_forward(const AttentionParams& p) {
   const CpuTiles tiles = choose_tiles(p);
   const std::vector<WorkItem> items = query_tile_items(p, tiles);
+  const ForwardPlan plan = plan_forward(p, tiles, items);
+  using A = acc_t<T>;
+  // Linear scratch: one partial (tile rows x D, and lse) per chunk of the split items.
+  std::vector<A> part_out(plan.slots * tiles.q * p.head_dim), part_lse(plan.slots * tiles.q);
   parallel_items(
-      static_cast<int64_t>(items.size()), [&] { return FwdScratch<T>(tiles, p.head_dim); },
-      [&](int64_t i, FwdScratch<T>& w) { forward_item<T>(p, tiles, items[i], w); });
+      static_cast<int64_t>(plan.units.size()), [&] { return FwdScratch<T>(tiles, p.head_dim); },
+      [&](int64_t i, FwdScratch<T>& w) {
+        const ForwardUnit& u = plan.units[i];
+        const bool whole = u.slot < 0;
+        forward_keys<T>(p, tiles, items[u.item], u.tile_begin, u.tile_end, w,
+                        whole ? nullptr : part_out.data() + u.slot * tiles.q * p.head_dim,
+                        whole ? nullptr : part_lse.data() + u.slot * tiles.q);
+      });
+  // The merge reads each partial once. A parallel region costs tens of microseconds (a
+  // scheduler tick when the other cores are busy), so a small merge stays on this thread.
+  const int64_t merge_reads = plan.slots * tiles.q * p.head_dim;
+  auto merge = [&](int64_t i, std::vector<A>& buf) {
+    const SplitItem& s = plan.split[i];
+    merge_chunks<T>(p, tiles, items[s.item], s, part_out.data(), part_lse.data(), buf);
+  };
+  const int64_t n_split = static_cast<int64_t>(plan.split.size());
+  if (merge_reads >= (int64_t(1) << 20)) {
+    parallel_items(n_split, [] { return std::vector<A>(); }, merge);
+  } else {
+    std::vector<A> buf;
+    for (int64_t i = 0; i < n_split; ++i) merge(i, buf);
+  }
 }
 
 template void attention_forward<float>(const AttentionParams&);
