@@ -152,3 +152,17 @@ def test_single_item_splits_automatically(threads, monkeypatch):
         assert torch.equal(a, b)
     for a, b in zip(auto2, whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("combo", ["none", "sinks_window", "all"])
+def test_chunk_count_is_capped(combo, monkeypatch):
+    """More key tiles than kMaxSplitChunks (64) chunks of one tile: the chunks grow instead
+    (key_split.h), so scratch stays bounded; 2-key tiles over 300 keys give 150 tiles."""
+    monkeypatch.setenv("LONGATTN_CPU_TILES", "8,2")
+    monkeypatch.setenv("LONGATTN_CPU_SPLITK", "1")
+    kw = dict(DECODE_COMBOS[combo])
+    kw.pop("q_start", None)
+    if "window" in kw:
+        kw["window"] = (200, 0)
+    q, k, v = qkv(1, 3, 300, 2, 1, 32, torch.float32, "cpu")
+    check_forward(q, k, v, **materialize(kw, 2, "cpu"))

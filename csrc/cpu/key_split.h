@@ -14,7 +14,9 @@
 //     merge in a fixed order: while the split is on, the bits do not depend on the thread
 //     count or on which thread ran which chunk. (Split and unsplit agree to rounding.)
 // 2048 keys per chunk: a chunk's work (nq x 2048 x D x 4 flops) dwarfs its partial write and
-// merge (nq x D), and 32K keys give 16 chunks, enough to balance a few threads.
+// merge (nq x D), and 32K keys give 16 chunks, enough to balance a few threads. Past
+// kMaxSplitChunks x 2048 keys the chunks grow instead of multiplying, so an item's scratch
+// (chunks x nq x D) stays bounded however long the context (1M keys: 64 chunks of 16K keys).
 //
 // LONGATTN_CPU_SPLITK overrides the rule (tests, tuning): "0" never splits; a positive n
 // splits every item with more than n key tiles into chunks of n tiles, whatever the counts
@@ -32,6 +34,7 @@
 namespace longattn::cpu {
 
 constexpr int64_t kSplitChunkKeys = 2048;
+constexpr int64_t kMaxSplitChunks = 64;
 
 // A query tile's key tiles, in order: those of the sink range, then those of the window band.
 inline int64_t key_tile_count(const Range (&ranges)[2], int64_t tile_keys) {
@@ -91,10 +94,11 @@ inline ForwardPlan plan_forward(const AttentionParams& p, const CpuTiles& t,
       plan.units.push_back({i, 0, tiles, -1, items[i].cost});
       continue;
     }
-    const int64_t chunks = ceil_div(tiles, chunk_tiles);
+    const int64_t per_chunk = std::max(chunk_tiles, ceil_div(tiles, kMaxSplitChunks));
+    const int64_t chunks = ceil_div(tiles, per_chunk);
     plan.split.push_back({i, plan.slots, chunks});
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t b = c * chunk_tiles, e = std::min(tiles, b + chunk_tiles);
+      const int64_t b = c * per_chunk, e = std::min(tiles, b + per_chunk);
       plan.units.push_back({i, b, e, plan.slots + c, 1 + (e - b) * t.k});
     }
     plan.slots += chunks;
