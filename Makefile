@@ -74,7 +74,7 @@ EMU_K     ?= not test_gradcheck_attention and not test_lengths and not test_gqa 
              not test_options_cross_lengths and not (test_options and (fp16 or fp64))
 
 .PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry kvpress-test \
-        emu-test emu-asan
+        emu-test emu-asan flash-emu-asan
 
 venv:
 	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
@@ -144,6 +144,12 @@ emu-asan:
 	  PYTHONPATH=$(abspath python):$(abspath tools/simt_emu) \
 	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys -p pytest_simt_emu \
 	  $(if $(EMU_K),-k "$(EMU_K)",) $(PYTEST_ARGS) $(EMU_TESTS)
+
+# flash-emu-asan: tests/test_flash_emu.py (the flash forward/backward kernels under
+# tests/flash_emu) with its libraries built under AddressSanitizer (LONGATTN_FLASH_EMU_ASAN=1).
+flash-emu-asan:
+	$(EMU_ASAN_ENV) LONGATTN_FLASH_EMU_ASAN=1 PYTHONPATH=$(abspath python) \
+	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys $(PYTEST_ARGS) tests/test_flash_emu.py
 
 kvpress-test: build
 	$(call kvpress_install,$(KVPRESS_DIR)/lite,$(KVPRESS))
