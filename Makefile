@@ -74,7 +74,7 @@ EMU_K     ?= not test_gradcheck_attention and not test_lengths and not test_gqa 
              not test_options_cross_lengths and not (test_options and (fp16 or fp64))
 
 .PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry kvpress-test \
-        emu-test
+        emu-test emu-asan flash-emu-asan
 
 venv:
 	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
@@ -126,6 +126,30 @@ emu-test:
 	SIMT_EMU_BUILD=$(abspath $(EMU_BUILD)) PYTHONPATH=$(abspath python):$(abspath tools/simt_emu) \
 	  $(VPY) -m pytest -q -p no:cacheprovider -p pytest_simt_emu $(if $(EMU_K),-k "$(EMU_K)",) \
 	  $(PYTEST_ARGS) $(EMU_TESTS)
+
+# emu-asan: emu-test with the emulation built under AddressSanitizer (SIMT_EMU_ASAN=1, its own
+# build in EMU_ASAN_BUILD), so a kernel's out-of-bounds read or write of a tensor, of dynamic
+# shared memory or of a static __shared__ array aborts with ASan's report. The interpreter is not
+# instrumented: libasan is preloaded, with libstdc++ (python does not link it, and ASan's
+# __cxa_throw interceptor, i.e. a TORCH_CHECK, needs it loaded when ASan starts); leak checking
+# is off (Python's interned objects). --capture=sys: ASan's report goes to the terminal, not to
+# pytest's capture file that dies with the process.
+EMU_ASAN_BUILD ?= build/simt_emu_asan
+EMU_ASAN_ENV   = SIMT_EMU_ASAN=1 \
+                 LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+                 ASAN_OPTIONS=detect_leaks=0:$(ASAN_OPTIONS)
+emu-asan:
+	@mkdir -p $(EMU_ASAN_BUILD)
+	$(EMU_ASAN_ENV) SIMT_EMU_BUILD=$(abspath $(EMU_ASAN_BUILD)) \
+	  PYTHONPATH=$(abspath python):$(abspath tools/simt_emu) \
+	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys -p pytest_simt_emu \
+	  $(if $(EMU_K),-k "$(EMU_K)",) $(PYTEST_ARGS) $(EMU_TESTS)
+
+# flash-emu-asan: tests/test_flash_emu.py (the flash forward/backward kernels under
+# tests/flash_emu) with its libraries built under AddressSanitizer (LONGATTN_FLASH_EMU_ASAN=1).
+flash-emu-asan:
+	$(EMU_ASAN_ENV) LONGATTN_FLASH_EMU_ASAN=1 PYTHONPATH=$(abspath python) \
+	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys $(PYTEST_ARGS) tests/test_flash_emu.py
 
 kvpress-test: build
 	$(call kvpress_install,$(KVPRESS_DIR)/lite,$(KVPRESS))

@@ -17,6 +17,10 @@ in both dQ modes.
 Needs g++, the CUDA toolkit headers (cuda/std, cuda_runtime_api.h) and CUTLASS 4.2 headers
 (the nvidia-cutlass package or LONGATTN_CUTLASS_DIR); skipped otherwise. Slow: each emulated
 block runs 128 (forward) or 256 (backward) fibers.
+
+LONGATTN_FLASH_EMU_ASAN=1 builds the libraries with AddressSanitizer (shared memory then at its
+exact size, no guard bands), so reads out of bounds of a tensor or of shared memory abort with
+ASan's report too; pytest must run with libasan preloaded (make flash-emu-asan), else skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EMU = os.path.join(_ROOT, "tests", "flash_emu")
 _FLASH = os.path.join(_ROOT, "csrc", "cuda", "attention", "flash")
 _UNBOUNDED = 1 << 62
+_ASAN = os.environ.get("LONGATTN_FLASH_EMU_ASAN", "0") not in ("", "0")
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +97,10 @@ def _build(kind):
     cxx = shutil.which("g++")
     if not (cutlass and cuda and cxx):
         pytest.skip("needs g++, CUDA toolkit headers and CUTLASS headers")
+    if _ASAN and not hasattr(ctypes.CDLL(None), "__asan_init"):
+        pytest.skip("LONGATTN_FLASH_EMU_ASAN=1 needs libasan loaded first: LD_PRELOAD=\"$(g++ "
+                    "-print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)\" "
+                    "ASAN_OPTIONS=detect_leaks=0 (make flash-emu-asan)")
     cpps = [os.path.join(_EMU, f) for f in _DRIVERS[kind]]
     srcs = sorted(
         cpps
@@ -101,16 +110,23 @@ def _build(kind):
         + [os.path.join(_ROOT, "csrc", "cuda", "attention", "attention_launch.h"),
            os.path.join(_ROOT, "csrc", "cuda", "kernel_dtype.h")]
     )
-    h = hashlib.sha1()
+    # asan-stack=0: tensors and shared memory are checked, not locals (the register fragments):
+    # CUTLASS's host fallback of NumericArrayConverter<half_t, float, 2> (the device code uses
+    # __float22half2_rn) reads a 2-byte half_t argument as a 4-byte word (array_subbyte.h,
+    # reference::operator=), which ASan reports from every convert_frag.
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "--param=asan-stack=0"] if _ASAN else []
+    h = hashlib.sha1(" ".join(sanitize).encode())
     for s in srcs:
         with open(s, "rb") as f:
             h.update(f.read())
-    out = os.path.join(tempfile.gettempdir(), f"longattn_flash_emu_{kind}_{h.hexdigest()[:16]}.so")
+    asan = "_asan" if _ASAN else ""
+    out = os.path.join(tempfile.gettempdir(), f"longattn_flash_emu_{kind}{asan}_{h.hexdigest()[:16]}.so")
     if os.path.exists(out):
         return out
     flags = ["-std=c++20", "-O1", "-fPIC", "-fpermissive", "-w",
              "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # fibers longjmp across stacks
              f"-I{os.path.join(_ROOT, 'csrc')}", f"-I{_EMU}", "-isystem", cutlass]
+    flags += sanitize
     for c in cuda:
         flags += ["-isystem", c]
     tmp = f"{out}.{os.getpid()}"
@@ -119,7 +135,7 @@ def _build(kind):
         runs = list(pool.map(lambda co: subprocess.run([cxx] + flags + ["-c", co[0], "-o", co[1]],
                                                        capture_output=True, text=True), zip(cpps, objs)))
     assert all(r.returncode == 0 for r in runs), "emulator build failed:\n" + "".join(r.stderr for r in runs)[-4000:]
-    r = subprocess.run([cxx, "-shared"] + objs + ["-o", tmp + ".so"], capture_output=True, text=True)
+    r = subprocess.run([cxx, "-shared"] + sanitize + objs + ["-o", tmp + ".so"], capture_output=True, text=True)
     assert r.returncode == 0, "emulator link failed:\n" + r.stderr[-4000:]
     for o in objs:
         os.remove(o)

@@ -4,7 +4,26 @@
 
 #include "emu_runtime.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace emu {
+
+// AddressSanitizer (LONGATTN_FLASH_EMU_ASAN=1) must be told of every stack switch, or it takes
+// a fiber's frames for stray memory and its reports lose the kernel's stack. Each _longjmp
+// between stacks is announced (leave) and completed where the target resumes (arrive).
+static const void* g_sched_stack = nullptr;  // the scheduler's stack, learnt on the first switch
+static size_t g_sched_stack_bytes = 0;
+#if defined(__SANITIZE_ADDRESS__)
+static void leave(const void* to, size_t bytes) { __sanitizer_start_switch_fiber(nullptr, to, bytes); }
+static void arrive_at_fiber() { __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack, &g_sched_stack_bytes); }
+static void arrive_at_scheduler() { __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr); }
+#else
+static void leave(const void*, size_t) {}
+static void arrive_at_fiber() {}
+static void arrive_at_scheduler() {}
+#endif
 
 static Block* g_block = nullptr;
 Block& current_block() { return *g_block; }
@@ -12,6 +31,7 @@ Block& current_block() { return *g_block; }
 constexpr size_t kStackBytes = 512 * 1024;
 
 void fiber_entry() {
+  arrive_at_fiber();
   Block& b = *g_block;
   const int id = b.current_;
   try {
@@ -20,12 +40,17 @@ void fiber_entry() {
     if (b.error_.empty()) b.error_ = e.what();
   }
   b.fibers_[id].finished = true;
+  leave(g_sched_stack, g_sched_stack_bytes);
   _longjmp(b.sched_jb_, 1);
 }
 
 void Block::yield() {
   Fiber& f = fibers_[current_];
-  if (_setjmp(f.jb) == 0) _longjmp(sched_jb_, 1);
+  if (_setjmp(f.jb) == 0) {
+    leave(g_sched_stack, g_sched_stack_bytes);
+    _longjmp(sched_jb_, 1);
+  }
+  arrive_at_fiber();
 }
 
 void Block::wait(Barrier& b) {
@@ -75,7 +100,8 @@ void Block::run(int threads, uint64_t seed, int policy, const std::function<void
     makecontext(&f.uc, fiber_entry, 0);
   }
   last_block_gen_ = 0;
-  _setjmp(sched_jb_);  // every fiber switch comes back here; only plain locals below
+  if (_setjmp(sched_jb_) != 0) arrive_at_scheduler();  // every fiber switch comes back here
+  // Only plain locals below.
   const int pick = pick_next();
   if (pick < 0) {
     g_block = nullptr;
@@ -83,6 +109,7 @@ void Block::run(int threads, uint64_t seed, int policy, const std::function<void
   }
   current_ = pick;
   Fiber& f = fibers_[pick];
+  leave(f.stack.data(), f.stack.size());
   if (!f.started) {
     f.started = true;
     setcontext(&f.uc);

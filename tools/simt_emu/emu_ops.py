@@ -15,7 +15,17 @@ suite's calls through it (``install()``), so the suite's own tests check the CUD
 
 ``SETTINGS``: ``smem_limit`` (the emulated device's opt-in shared memory; small values force
 small attention tiles and cap what the other kernels may opt into) and ``seed`` (CTA order and
-thread interleaving)."""
+thread interleaving).
+
+``SIMT_EMU_ASAN=1`` builds the emulation with AddressSanitizer (a separate extension name, so it
+never replaces the plain build; give it its own SIMT_EMU_BUILD): an out-of-bounds read or write
+of global memory (torch's CPU tensors come from malloc, whose blocks ASan surrounds with
+redzones), of dynamic shared memory (then allocated at its exact size) or of a static
+``__shared__`` array aborts the process with ASan's report and the kernel's stack. The Python
+process must load libasan first, and libstdc++ with it (python does not link it; ASan's
+exception interceptor needs it): ``LD_PRELOAD="$(g++ -print-file-name=libasan.so)
+$(g++ -print-file-name=libstdc++.so)"`` and ``ASAN_OPTIONS=detect_leaks=0`` (``make emu-asan``
+sets both, and runs pytest with ``--capture=sys`` so the report reaches the terminal)."""
 from __future__ import annotations
 
 import glob
@@ -36,7 +46,18 @@ EMULATED_OPS = ("rope", "rope_", "rope_backward", "merge_attention", "merge_atte
 _ARGS = ("attention_args.cpp", "rope_args.cpp", "merge_args.cpp", "kvcache_args.cpp",
          "cuda/kernel_dtype_of.cpp")
 
-load(name="longattn_simt_emu",
+ASAN = os.environ.get("SIMT_EMU_ASAN", "0") not in ("", "0")
+if ASAN:
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "__asan_init"):
+        raise RuntimeError(
+            "SIMT_EMU_ASAN=1 needs libasan loaded before everything else: run python with "
+            "LD_PRELOAD=\"$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)\" "
+            "ASAN_OPTIONS=detect_leaks=0 (make emu-asan)")
+_SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
+
+load(name="longattn_simt_emu_asan" if ASAN else "longattn_simt_emu",
      sources=[os.path.join(HERE, "simt_emu.cpp")]
      + [os.path.join(REPO, "csrc", f) for f in _ARGS]
      + sorted(glob.glob(os.path.join(HERE, "units", "*.cpp"))),
@@ -44,7 +65,8 @@ load(name="longattn_simt_emu",
      extra_cflags=["-O2", "-std=c++20", "-Wno-unused-parameter",
                    # The kernels move T[] through uint4 as CUDA code does; g++ must not
                    # assume the two never alias.
-                   "-fno-strict-aliasing"],
+                   "-fno-strict-aliasing"] + _SANITIZE,
+     extra_ldflags=_SANITIZE,
      build_directory=os.environ.get("SIMT_EMU_BUILD") or None,
      is_python_module=False, verbose=bool(os.environ.get("SIMT_EMU_VERBOSE")))
 emu = torch.ops.longattn_emu

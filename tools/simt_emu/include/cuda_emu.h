@@ -14,6 +14,11 @@
 // starts as NaN bytes, so reading what nobody wrote poisons the result. (Static __shared__
 // variables are function statics: shared by every CTA, not poisoned.)
 //
+// Under AddressSanitizer (emu_ops.py, SIMT_EMU_ASAN=1) dynamic shared memory is allocated at its
+// exact size without the guard band, so ASan reports reads and writes past its end as it does
+// for global memory (torch's tensors) and static __shared__ arrays; the fiber switches are
+// announced to ASan so its reports show the kernel's stack.
+//
 // cuda_runtime.h (the stand-in) adds the runtime calls the launchers make, and launch_kernel,
 // the emulated counterpart of device_common.cuh's: it checks the launch configuration as the
 // driver would and runs the grid here.
@@ -31,6 +36,15 @@
 #include <random>
 #include <utility>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define LONGATTN_EMU_ASAN 1
+#else
+#define LONGATTN_EMU_ASAN 0
+#define ASAN_UNPOISON_MEMORY_REGION(addr, size) ((void)(addr), (void)(size))
+#endif
 
 #define __global__
 #define __device__
@@ -106,7 +120,8 @@ struct Fiber {
 
 constexpr int kMaxBlockThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kGuardBytes = 256;
+// ASan's redzone replaces the guard band.
+constexpr size_t kGuardBytes = LONGATTN_EMU_ASAN ? 0 : 256;
 
 struct Cta {
   int threads = 0;
@@ -120,6 +135,9 @@ struct Cta {
   std::vector<unsigned char> smem;  // dynamic shared memory + a guard band
   size_t smem_bytes = 0;
   const std::function<void()>* body = nullptr;
+  // The scheduler's stack, for ASan's fiber-switch annotations (learnt on the first switch).
+  const void* sched_stack = nullptr;
+  size_t sched_stack_bytes = 0;
 };
 
 inline Cta* g_cta = nullptr;
@@ -127,6 +145,34 @@ inline dim3 g_tid, g_bid, g_block, g_grid;
 inline std::vector<char> g_stacks;
 
 inline int lane() { return g_cta->cur & 31; }
+
+// emu_swap from the running fiber to the scheduler; `exiting`: the fiber will never resume.
+inline void to_scheduler(bool exiting) {
+  Cta& c = *g_cta;
+#if LONGATTN_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack, c.sched_stack,
+                                 c.sched_stack_bytes);
+  emu_swap(&c.fibers[c.cur].sp, c.sched_sp);
+  __sanitizer_finish_switch_fiber(fake_stack, &g_cta->sched_stack, &g_cta->sched_stack_bytes);
+#else
+  (void)exiting;
+  emu_swap(&c.fibers[c.cur].sp, c.sched_sp);
+#endif
+}
+
+// emu_swap from the scheduler to fiber t.
+inline void to_fiber(int t) {
+  Cta& c = *g_cta;
+#if LONGATTN_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, g_stacks.data() + t * kStackBytes, kStackBytes);
+  emu_swap(&c.sched_sp, c.fibers[t].sp);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  emu_swap(&c.sched_sp, c.fibers[t].sp);
+#endif
+}
 
 inline void wait_on(Barrier& b) {
   Cta& c = *g_cta;
@@ -137,7 +183,7 @@ inline void wait_on(Barrier& b) {
     return;
   }
   b.waiting.push_back(c.cur);
-  emu_swap(&c.fibers[c.cur].sp, c.sched_sp);
+  to_scheduler(false);
 }
 
 inline Group& group(unsigned mask) {
@@ -152,11 +198,14 @@ inline Group& group(unsigned mask) {
 }
 
 [[noreturn]] inline void fiber_entry() {
+#if LONGATTN_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_cta->sched_stack, &g_cta->sched_stack_bytes);
+#endif
   Cta& c = *g_cta;
   (*c.body)();
   c.fibers[c.cur].done = true;
   ++c.done;
-  emu_swap(&c.fibers[c.cur].sp, c.sched_sp);
+  to_scheduler(true);
   fail("a finished fiber was resumed");
 }
 
@@ -174,6 +223,8 @@ inline void run_cta(dim3 block, size_t smem_bytes, const std::function<void()>& 
   c.smem_bytes = smem_bytes;
   c.smem.assign(smem_bytes + kGuardBytes, 0xff);  // 0xff..: NaN as fp32 and fp64
   if (g_stacks.size() < kStackBytes * threads) g_stacks.assign(kStackBytes * threads, 0);
+  // The frames a finished fiber left (it never returned from fiber_entry) are still poisoned.
+  ASAN_UNPOISON_MEMORY_REGION(g_stacks.data(), kStackBytes * threads);
   for (int t = 0; t < threads; ++t) {
     // A fresh stack that emu_swap "returns" into fiber_entry from: six zero registers, the
     // entry address, and a dummy return address so the entry sees an ABI-aligned stack.
@@ -198,7 +249,7 @@ inline void run_cta(dim3 block, size_t smem_bytes, const std::function<void()>& 
     c.ready.pop_back();
     c.cur = t;
     g_tid = dim3(t % g_block.x, (t / g_block.x) % g_block.y, t / (g_block.x * g_block.y));
-    emu_swap(&c.sched_sp, c.fibers[t].sp);
+    to_fiber(t);
   }
   for (size_t i = smem_bytes; i < c.smem.size(); ++i) {
     if (c.smem[i] != 0xff) fail("write past the end of dynamic shared memory");
