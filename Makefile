@@ -5,6 +5,7 @@
 #   make bench   venv + build + bench/compare.py
 #   make cuda-build  compile every CUDA source (no GPU needed): a second venv $(CUDA_VENV) with the
 #                CUDA build of torch, a wheel-style install into it, then an import check
+#   make cuda-resources  registers / stack frame / smem per kernel of that build (cuobjdump)
 #   make cutlass-carry  copy the CUTLASS/CuTe headers the CUDA build reaches into .cutlass/ (ignored),
 #                for a GPU machine without nvidia-cutlass or network: bash bench/gpu_check.sh there
 #   make kvpress-test  tests/test_kvcache_kvpress.py against NVIDIA kvpress, installed --no-deps
@@ -73,8 +74,8 @@ EMU_TESTS ?= tests/test_attention.py tests/test_backward.py tests/test_rope.py \
 EMU_K     ?= not test_gradcheck_attention and not test_lengths and not test_gqa and \
              not test_options_cross_lengths and not (test_options and (fp16 or fp64))
 
-.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cutlass-carry kvpress-test \
-        emu-test emu-asan flash-emu-asan
+.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cuda-resources cutlass-carry \
+        kvpress-test emu-test emu-asan flash-emu-asan
 
 venv:
 	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
@@ -116,6 +117,11 @@ cuda-build: cuda-venv
 	  --disable-pip-version-check --no-build-isolation --no-deps .
 	cd /tmp && $(abspath $(CUDA_VPY)) -c "import torch, longattn; i = longattn.build_info(); \
 	  print('cuda build_info:', i); assert i['cuda'], 'built without CUDA'"
+
+# Registers / stack frame / static smem of every kernel in the module cuda-build installed
+# (cuobjdump, no GPU needed). A report, not a gate: spills are weighed against measured speed.
+cuda-resources:
+	cd /tmp && $(abspath $(CUDA_VPY)) $(abspath tools/cuda_resources.py) $(RESOURCES_ARGS)
 
 # ~13 MiB of headers (the device tool carries 64 MiB in all): carry [".cutlass"] with the source.
 cutlass-carry: venv
