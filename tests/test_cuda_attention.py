@@ -4,7 +4,8 @@ bit-identical gradients in deterministic mode, the fallback for unaligned stride
 and the errors of several devices.
 
 The rest of the suite runs on CUDA too (the `device` fixture); this file adds the head dims and
-dtypes of the flash kernels (fp16/bf16, hd 64/128) with every mask option. The backend is chosen
+dtypes of the flash kernels (fp16/bf16, hd 64/128/256; the hd 256 backward where the device has
+the shared memory) with every mask option. The backend is chosen
 per call from LONGATTN_CUDA_BACKEND (auto | flash | simt), set here with monkeypatch.
 Tolerances: REFERENCES.md section 1 (helpers.assert_close_rule). Skipped without a GPU and a CUDA
 build of longattn.
@@ -26,7 +27,19 @@ pytestmark = [pytest.mark.cuda,
 BACKEND_ENV = "LONGATTN_CUDA_BACKEND"
 FLASH_DTYPES = [torch.bfloat16, torch.float16]
 FLASH_DTYPE_IDS = ["bf16", "fp16"]
-FLASH_DIMS = [64, 128]
+FLASH_FWD_DIMS = [64, 128, 256]  # cuda/attention/attention_launch.h kFlashHeadDims
+# The flash backward at hd 256 needs 176 KB of shared memory per block (flash/bwd_traits.h
+# kSmemDkdv: sm_90 parts); elsewhere its gradients run on the SIMT kernels.
+HD256_BWD_SMEM = (3 * 64 * 256 + 2 * 64 * 256 + 2 * 64 * 64) * 2
+
+
+def _smem_optin():
+    if not torch.cuda.is_available():
+        return 0
+    return getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 0)
+
+
+FLASH_BWD_DIMS = [64, 128] + ([256] if _smem_optin() >= HD256_BWD_SMEM else [])
 ERRS = (ValueError, RuntimeError, TypeError)
 # Options for the gradient tests (COMBOS keys): every mask kind and score option once.
 GRAD_COMBOS = ["none", "causal", "causal_win", "win_both", "lambda", "softcap", "alibi_causal_win", "logn",
@@ -89,7 +102,7 @@ def out_lse_grads(fn, q, k, v, z, dout):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("D", FLASH_DIMS)
+@pytest.mark.parametrize("D", FLASH_FWD_DIMS)
 @pytest.mark.parametrize("dtype", FLASH_DTYPES, ids=FLASH_DTYPE_IDS)
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_backends_forward(combo, dtype, D, backend):
@@ -97,7 +110,7 @@ def test_backends_forward(combo, dtype, D, backend):
     check_forward(q, k, v, **materialize(COMBOS[combo], 4, "cuda"))
 
 
-@pytest.mark.parametrize("D", FLASH_DIMS)
+@pytest.mark.parametrize("D", FLASH_FWD_DIMS)
 @pytest.mark.parametrize("Lq,Lk", [(1, 300), (77, 300), (300, 77), (129, 129)], ids=str)
 @pytest.mark.parametrize("combo", ["causal", "win_both", "lambda", "all"])
 def test_backends_cross_lengths(combo, Lq, Lk, D, backend):
@@ -105,7 +118,7 @@ def test_backends_cross_lengths(combo, Lq, Lk, D, backend):
     check_forward(q, k, v, **materialize(COMBOS[combo], 8, "cuda"))
 
 
-@pytest.mark.parametrize("D", FLASH_DIMS)
+@pytest.mark.parametrize("D", FLASH_BWD_DIMS)
 @pytest.mark.parametrize("dtype", FLASH_DTYPES, ids=FLASH_DTYPE_IDS)
 @pytest.mark.parametrize("combo", GRAD_COMBOS)
 def test_backends_backward(combo, dtype, D, backend):
@@ -115,7 +128,7 @@ def test_backends_backward(combo, dtype, D, backend):
     check_backward(q, k, v, sink_logits=sink, **kw)
 
 
-@pytest.mark.parametrize("D", FLASH_DIMS)
+@pytest.mark.parametrize("D", FLASH_BWD_DIMS)
 @pytest.mark.parametrize("dtype", FLASH_DTYPES, ids=FLASH_DTYPE_IDS)
 @pytest.mark.parametrize("combo", ["causal", "lambda", "alibi_causal_win", "all"])
 def test_flash_and_simt_agree(combo, dtype, D, monkeypatch):
@@ -135,6 +148,20 @@ def test_flash_and_simt_agree(combo, dtype, D, monkeypatch):
     names = ("out", "lse", "dq", "dk", "dv", "dsink_logits")
     for i, (a, b, r, l_) in enumerate(zip(res["flash"], res["simt"], hi, lo)):
         assert_agree(a, b, r, l_, 2.0 if i < 2 else 3.0, names[i])
+
+
+@pytest.mark.skipif(_smem_optin() >= HD256_BWD_SMEM, reason="the flash backward fits at hd 256 here")
+def test_hd256_backward_without_the_shared_memory(monkeypatch):
+    """Devices whose blocks cannot opt in to 176 KB: the auto backend runs the hd 256 gradients on
+    the SIMT kernels (right to the rule); forcing flash says how much shared memory is missing."""
+    q, k, v = qkv(2, 150, 150, 4, 2, 256, torch.bfloat16)
+    kw = dict(causal=True, window=(60, 0), sinks=2)
+    check_backward(q, k, v, **kw)
+    monkeypatch.setenv(BACKEND_ENV, "flash")
+    ins = [leaf(x) for x in (q, k, v)]
+    out, _ = call_attention(*ins, **kw)
+    with pytest.raises(ValueError, match="flash backward at head_dim 256 needs 176 KB of shared memory"):
+        torch.autograd.grad(out, ins, torch.randn_like(out))
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,7 +184,7 @@ def _layout_inputs(layout, dtype, D):
 
 
 @pytest.mark.parametrize("layout", ["dense", "strided", "varlen", "mqa"])
-@pytest.mark.parametrize("D", FLASH_DIMS)
+@pytest.mark.parametrize("D", FLASH_FWD_DIMS)
 @pytest.mark.parametrize("dtype", FLASH_DTYPES, ids=FLASH_DTYPE_IDS)
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_matches_cpu(combo, dtype, D, layout):
@@ -175,7 +202,7 @@ def test_matches_cpu(combo, dtype, D, layout):
         assert_agree(g, c, ref[i], lo[i], 2.0, f"cuda vs cpu {name}")
 
 
-@pytest.mark.parametrize("D", FLASH_DIMS)
+@pytest.mark.parametrize("D", FLASH_FWD_DIMS)
 @pytest.mark.parametrize("dtype", FLASH_DTYPES, ids=FLASH_DTYPE_IDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_dilated_flash_dims(causal, dtype, D):
@@ -195,7 +222,7 @@ def test_fuzz_flash_dims(seed):
     shape, kw, _ = draw_case(seed)
     kw = to_device(kw, "cuda")
     dtype = FLASH_DTYPES[seed % 2]
-    D = FLASH_DIMS[(seed // 2) % 2]
+    D = FLASH_FWD_DIMS[(seed // 2) % 3]
     B, H, Hk, Lq, Lk = (shape[x] for x in ("B", "H", "Hk", "Lq", "Lk"))
     q, k, v = qkv(B, Lq, Lk, H, Hk, D, dtype)
     check_forward(q, k, v, **kw)
@@ -209,8 +236,9 @@ def test_fuzz_flash_dims(seed):
 
 
 @pytest.mark.parametrize("cfg", [("flash", torch.bfloat16, 128), ("flash", torch.float16, 64),
-                                 ("simt", torch.bfloat16, 64), ("simt", torch.float32, 96)],
-                         ids=["flash-bf16-128", "flash-fp16-64", "simt-bf16-64", "simt-fp32-96"])
+                                 ("simt", torch.bfloat16, 64), ("simt", torch.float32, 96)]
+                         + ([("flash", torch.bfloat16, 256)] if 256 in FLASH_BWD_DIMS else []),
+                         ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-{c[2]}")
 def test_deterministic_backward_bitwise(cfg, deterministic, monkeypatch):
     """torch.use_deterministic_algorithms(True): dq, dk, dv, d sink_logits bit-identical across
     runs, on a shape where the accumulation order could differ (many key blocks per query row for
@@ -248,7 +276,7 @@ def _unaligned(kind, B, L, H, D, dtype):
 
 
 @pytest.mark.parametrize("kind", ["odd_row_stride", "offset_base"])
-@pytest.mark.parametrize("D", FLASH_DIMS)
+@pytest.mark.parametrize("D", FLASH_FWD_DIMS)
 @pytest.mark.parametrize("dtype", FLASH_DTYPES, ids=FLASH_DTYPE_IDS)
 def test_unaligned_inputs_fall_back(kind, dtype, D):
     """The auto backend takes inputs the flash kernels cannot load, and computes them right."""

@@ -9,10 +9,10 @@ Forward: out and lse against the float64 reference with the suite's tolerance ru
 over plain PyTorch in the kernel's dtype); rows without a visible key must be exactly out 0,
 lse -inf (lse = z with a sink logit). Backward: dq/dk/dv/dsink, factor 3.
 
-The default run (make test) is small: 9 forward cases (about 30 s, plus about a minute to
-compile the forward library once) and 14 backward ones. LONGATTN_FLASH_EMU=full runs every
-forward case in both dtypes and head dims, 60 random forward problems, and every backward case
-in both dQ modes.
+The default run (make test) is small: 11 forward cases (about 40 s, plus about a minute to
+compile the forward library once) and 15 backward ones. LONGATTN_FLASH_EMU=full runs every
+forward case in both dtypes and every head dim (64, 128, 256), 60 random forward problems, and
+every backward case in both dQ modes.
 
 Needs g++, the CUDA toolkit headers (cuda/std, cuda_runtime_api.h) and CUTLASS 4.2 headers
 (the nvidia-cutlass package or LONGATTN_CUTLASS_DIR); skipped otherwise. Slow: each emulated
@@ -393,8 +393,9 @@ CASES = {
 _FULL = os.environ.get("LONGATTN_FLASH_EMU") == "full"
 
 
-# Forward cases (hd64 fp16 unless given). Query tiles are 128 rows, key tiles 128 keys (hd64) or
-# 64 (hd128): lengths cut the last tiles short, and most cases have several tiles both ways.
+# Forward cases (hd64 fp16 unless given). Query tiles are 128 rows (hd64, hd128) or 64 (hd256), key
+# tiles 128 keys (hd64) or 64 (hd128, hd256): lengths cut the last tiles short, and most cases have
+# several tiles both ways.
 FWD_CASES = {
     "causal_gqa": dict(causal=True, Hq=2, Hkv=1, Lq=300, Lk=300),
     "noncausal_lq_ne_lk": dict(Lq=150, Lk=333, scale=0.6),  # large logits: the running max moves
@@ -423,22 +424,28 @@ FWD_CASES = {
     "hd128_bf16_softcap_lambda": dict(D=128, dtype=torch.bfloat16, softcap=8.0, causal=True, window=(100, 0),
                                       sinks=4, Lq=200, Lk=230),
     "hd128_varlen_alibi": dict(D=128, alibi=True, cu_q=[0, 12, 150], cu_k=[0, 0, 170], causal=True, Hq=2, Hkv=1),
+    # hd256: one 16-row slice per warp (64-row query tiles).
+    "hd256_gqa_window": dict(D=256, causal=True, window=(90, 0), Hq=2, Hkv=1, Lq=150, Lk=170),
+    "hd256_bf16_softcap_sinks": dict(D=256, dtype=torch.bfloat16, softcap=6.0, causal=True, window=(70, 0),
+                                     sinks=3, sink_logits=True, Lq=140, Lk=140),
+    "hd256_varlen_positions": dict(D=256, cu_q=[0, 9, 9, 80], cu_k=[0, 20, 30, 150], causal=True, q_start=40,
+                                   k_start=10, layout="dilated"),
 }
 # The default run (make test): every instantiation and feature once, in about a minute.
 _FWD_DEFAULT = ["causal_gqa", "lambda", "sink_logits", "softcap_alibi_logn", "dilated_view", "varlen",
-                "varlen_folded", "hd128", "hd128_bf16_softcap_lambda"]
+                "varlen_folded", "hd128", "hd128_bf16_softcap_lambda", "hd256_gqa_window",
+                "hd256_bf16_softcap_sinks"]
 
 
 def _fwd_params():
-    """LONGATTN_FLASH_EMU=full: every case in both dtypes and both head dims, the schedule
+    """LONGATTN_FLASH_EMU=full: every case in both dtypes and every head dim, the schedule
     policy (5: one warp ahead, copies land at random; 1: copies land at the wait; 6: random
     fibers, copies land at random) cycling."""
     if not _FULL:
         return [pytest.param(n, {}, id=n) for n in _FWD_DEFAULT]
     out = []
     for i, (n, c) in enumerate(FWD_CASES.items()):
-        for j, (D, dt) in enumerate([(64, torch.float16), (64, torch.bfloat16), (128, torch.float16),
-                                     (128, torch.bfloat16)]):
+        for j, (D, dt) in enumerate([(D, dt) for D in (64, 128, 256) for dt in (torch.float16, torch.bfloat16)]):
             policy = (5, 1, 6)[(i + j) % 3]
             extra = dict(D=D, dtype=dt, policy=policy, seed=j)
             out.append(pytest.param(n, extra, id=f"{n}-hd{D}-{str(dt)[6:]}-p{policy}"))
@@ -456,7 +463,7 @@ def _random_fwd_case(seed):
     import random
 
     rng = random.Random(seed)
-    c = dict(D=rng.choice([64, 128]), dtype=rng.choice([torch.float16, torch.bfloat16]), seed=seed,
+    c = dict(D=rng.choice([64, 128, 256]), dtype=rng.choice([torch.float16, torch.bfloat16]), seed=seed,
              policy=rng.choice([0, 1, 5, 6]), layout=rng.choice(["bshd", "bhsd", "dilated"]))
     c["Hkv"] = rng.choice([1, 2])
     c["Hq"] = c["Hkv"] * rng.choice([1, 2, 3])
@@ -518,6 +525,19 @@ def test_flash_bwd_emulated_hd128(emu_lib, narrow, deterministic):
     run_case(emu_lib, D=128, narrow=narrow, deterministic=deterministic, causal=True, window=(150, 0),
              sinks=3, Hq=4, Hkv=2, Lq=260, Lk=300, dtype=torch.bfloat16 if narrow else torch.float16,
              softcap=0.0 if narrow else 8.0, policy=5)
+
+
+@pytest.mark.parametrize("case", ["softcap_lambda", "alibi_varlen_sinklogit"] if _FULL else ["softcap_lambda"])
+@pytest.mark.parametrize("deterministic", [False, True] if _FULL else [True])
+def test_flash_bwd_emulated_hd256(emu_lib, case, deterministic):
+    """Head dim 256: 64 x 64 tiles, 8 warps (4 x 2 for S/dP, 2 x 4 for dK/dV and dQ)."""
+    kw = dict(
+        softcap_lambda=dict(causal=True, window=(90, 0), sinks=3, Hq=4, Hkv=2, Lq=150, Lk=170, softcap=6.0,
+                            dtype=torch.bfloat16),
+        alibi_varlen_sinklogit=dict(cu_q=[0, 7, 7, 120], cu_k=[0, 30, 40, 170], causal=True, alibi=True,
+                                    sink_logits=True, Hq=2, Hkv=1, dlse=True),
+    )[case]
+    run_case(emu_lib, D=256, deterministic=deterministic, policy=5, **kw)
 
 
 def test_flash_bwd_emulated_deterministic_repeats(emu_lib):

@@ -2,7 +2,8 @@
 // (attention_args.h), outputs and workspace, then one of two backends (attention_launch.h):
 //   flash: tensor-core kernels, fp16/bf16 with a head dim in kFlashHeadDims, when q/k/v (and
 //          dout/out) start 16-byte aligned, every q/k/v stride but the head dim's is a
-//          multiple of 8 elements, and the GPU is sm_80 or newer;
+//          multiple of 8 elements, the GPU is sm_80 or newer and, for the backward, a block
+//          can have the shared memory of a backward configuration (flash_backward_smem);
 //   simt:  CUDA-core kernels for everything else (fp32, fp64, any head dim <= 256).
 // LONGATTN_CUDA_BACKEND=auto|flash|simt overrides the choice, so tests can compare the two;
 // forcing flash where it cannot run is an error saying why.
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
+#include <limits>
 #include <string>
 
 #include "attention_args.h"
@@ -38,8 +40,8 @@ Backend requested_backend() {
 
 // Why the flash kernels cannot take this call; empty when they can. `extra` are further
 // device pointers the kernels read with 16-byte loads (the backward's dout and out).
-std::string flash_unsupported(const AttentionParams& p, KernelDtype dtype, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v,
+std::string flash_unsupported(const AttentionParams& p, KernelDtype dtype, bool backward,
+                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               std::initializer_list<const void*> extra) {
   if (!flash_supported(dtype, p.head_dim)) {
     std::string dims;
@@ -58,6 +60,17 @@ std::string flash_unsupported(const AttentionParams& p, KernelDtype dtype, const
   if (major < 8) {
     return "the flash kernels need compute capability 8.0 or newer, " + q.device().str() +
            " has " + std::to_string(major) + ".x";
+  }
+  if (backward) {
+    int max_smem = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          q.device().index()));
+    if (flash_backward_smem(p.head_dim, max_smem) == 0) {
+      const size_t need = flash_backward_smem(p.head_dim, std::numeric_limits<int>::max());
+      return "the flash backward at head_dim " + std::to_string(p.head_dim) + " needs " +
+             std::to_string(need / 1024) + " KB of shared memory per block, " + q.device().str() +
+             " offers " + std::to_string(max_smem / 1024) + " KB";
+    }
   }
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
@@ -78,14 +91,14 @@ std::string flash_unsupported(const AttentionParams& p, KernelDtype dtype, const
   return {};
 }
 
-bool choose_flash(const AttentionParams& p, KernelDtype dtype, const at::Tensor& q,
+bool choose_flash(const AttentionParams& p, KernelDtype dtype, bool backward, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
                   std::initializer_list<const void*> extra) {
   const Backend want = requested_backend();
   if (want == Backend::kSimt) return false;
   // Empty problems (no rows, heads or keys) go to the SIMT kernels, which handle them.
   if (want == Backend::kAuto && (p.total_q == 0 || p.heads_q == 0 || k.numel() == 0)) return false;
-  const std::string why = flash_unsupported(p, dtype, q, k, v, extra);
+  const std::string why = flash_unsupported(p, dtype, backward, q, k, v, extra);
   TORCH_CHECK_VALUE(want != Backend::kFlash || why.empty(),
                     "LONGATTN_CUDA_BACKEND=flash, but ", why, "; unset it (or use simt)");
   return why.empty();
@@ -112,8 +125,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
   const ForwardTensors t = make_forward_tensors(args, &p);
   const KernelDtype dt = kernel_dtype_of(q.scalar_type(), "attention", "q");
   const cudaStream_t stream = stream_of(q);
-  C10_CUDA_CHECK(choose_flash(p, dt, q, k, v, {}) ? flash_forward(p, dt, stream)
-                                                  : simt_forward(p, dt, stream));
+  const bool flash = choose_flash(p, dt, /*backward=*/false, q, k, v, {});
+  C10_CUDA_CHECK(flash ? flash_forward(p, dt, stream) : simt_forward(p, dt, stream));
   return {t.out, t.lse};
 }
 
@@ -143,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   g.deterministic = at::globalContext().deterministicAlgorithms();
 
   const KernelDtype dt = kernel_dtype_of(q.scalar_type(), "attention_backward", "q");
-  const bool flash = choose_flash(p, dt, q, k, v, {g.dout, p.out});
+  const bool flash = choose_flash(p, dt, /*backward=*/true, q, k, v, {g.dout, p.out});
   g.workspace_bytes = flash ? flash_backward_workspace(p, dt, g.deterministic)
                             : simt_backward_workspace(p, dt, g.deterministic);
   at::Tensor workspace;

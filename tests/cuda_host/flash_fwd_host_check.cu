@@ -132,10 +132,9 @@ MaskParams random_mask(std::mt19937_64& rng) {
   return m;
 }
 
-template <int kBlockN>
+template <int kBlockM, int kBlockN>
 void check_schedule(int trials) {
-  std::mt19937_64 rng(1234 + kBlockN);
-  constexpr int kBlockM = 128;
+  std::mt19937_64 rng(1234 + kBlockM + kBlockN);
   long tiles_full = 0, tiles_partial = 0, tiles_empty = 0;
   for (int trial = 0; trial < trials; ++trial) {
     const MaskParams m = random_mask(rng);
@@ -181,7 +180,7 @@ void check_schedule(int trials) {
           if (m.visible(tiles.p0 + r, m.k_start + j)) CHECK(owner[j] >= 0, "visible key %lld of row %d not visited", (long long)j, r);
     }
   }
-  std::printf("schedule kBlockN=%d: %d masks ok (%ld full, %ld partial, %ld empty tiles)\n", kBlockN,
+  std::printf("schedule %dx%d: %d masks ok (%ld full, %ld partial, %ld empty tiles)\n", kBlockM, kBlockN,
               trials, tiles_full, tiles_partial, tiles_empty);
 }
 
@@ -190,8 +189,12 @@ int main() {
   check_layouts<FwdTraits<half_t, 128, FlashDeviceOps>>("fp16 hd128");
   check_layouts<FwdTraits<bfloat16_t, 64, FlashDeviceOps>>("bf16 hd64");
   check_layouts<FwdTraits<bfloat16_t, 128, FlashDeviceOps>>("bf16 hd128");
-  check_schedule<64>(400);
-  check_schedule<128>(400);
+  check_layouts<FwdTraits<half_t, 256, FlashDeviceOps>>("fp16 hd256");
+  check_layouts<FwdTraits<bfloat16_t, 256, FlashDeviceOps>>("bf16 hd256");
+  // (query tile, key tile) of hd128 / hd256, hd64.
+  check_schedule<128, 64>(400);
+  check_schedule<64, 64>(400);
+  check_schedule<128, 128>(400);
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;

@@ -30,16 +30,20 @@ void run_forward(const EmuArgs& a) {
          });
 }
 
-// fwd_dispatch.cu's choice among the instantiations of one element type (head dim 64 or 128,
-// checked by the caller).
+template <class Elem, int kHeadDim>
+void forward_hd(const EmuArgs& a, bool plain) {
+  using Tr = longattn::cuda::flash::FwdTraits<Elem, kHeadDim, EmuOps>;
+  return plain ? run_forward<Tr, true>(a) : run_forward<Tr, false>(a);
+}
+
+// fwd_dispatch.cu's choice among the instantiations of one element type (a head dim in
+// kFlashHeadDims, checked by the caller).
 template <class Elem>
 void forward(const EmuArgs& a) {
-  using longattn::cuda::flash::FwdTraits;
   const bool plain = to_params(a).score.plain();
-  if (a.head_dim == 64) {
-    return plain ? run_forward<FwdTraits<Elem, 64, EmuOps>, true>(a) : run_forward<FwdTraits<Elem, 64, EmuOps>, false>(a);
-  }
-  return plain ? run_forward<FwdTraits<Elem, 128, EmuOps>, true>(a) : run_forward<FwdTraits<Elem, 128, EmuOps>, false>(a);
+  if (a.head_dim == 64) return forward_hd<Elem, 64>(a, plain);
+  if (a.head_dim == 128) return forward_hd<Elem, 128>(a, plain);
+  return forward_hd<Elem, 256>(a, plain);
 }
 
 extern template void forward<cutlass::half_t>(const EmuArgs&);

@@ -27,5 +27,9 @@ template <typename Elem, class Ops>
 struct BwdConfig<Elem, 128, true, Ops> {
   using Traits = BwdTraits<Elem, 128, 64, 64, 8, 2, 4, 2, Ops>;
 };
+template <typename Elem, class Ops>
+struct BwdConfig<Elem, 256, false, Ops> {
+  using Traits = BwdTraits<Elem, 256, 64, 64, 8, 4, 2, 2, Ops>;
+};
 
 }  // namespace longattn::cuda::flash

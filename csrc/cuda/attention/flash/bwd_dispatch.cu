@@ -1,5 +1,5 @@
-// flash_backward / flash_backward_workspace (attention_launch.h): pick the instantiated
-// configuration for the dtype, head dim and the device's shared memory.
+// flash_backward / flash_backward_workspace / flash_backward_smem (attention_launch.h): pick the
+// instantiated configuration for the dtype, head dim and the device's shared memory.
 #include <algorithm>
 
 #include "cuda/attention/attention_launch.h"
@@ -9,21 +9,64 @@
 namespace longattn::cuda {
 namespace {
 
+template <class Kt>
+constexpr int smem_of() {
+  return std::max(Kt::kSmemDkdv, Kt::kSmemDq);
+}
+
+// The configurations of a head dim, widest tiles first (fp16 and bf16 tiles have the same size).
+enum class BwdConfigId { kNone, kHd64, kHd128, kHd128Narrow, kHd256 };
+
+BwdConfigId pick_config(int64_t head_dim, int max_smem_optin) {
+  using namespace flash;
+  using H = cutlass::half_t;
+  const auto fits = [&](int smem) { return smem <= max_smem_optin; };
+  switch (head_dim) {
+    case 64:
+      return fits(smem_of<DeviceBwdTraits<H, 64>>()) ? BwdConfigId::kHd64 : BwdConfigId::kNone;
+    case 128:
+      if (fits(smem_of<DeviceBwdTraits<H, 128>>())) return BwdConfigId::kHd128;
+      return fits(smem_of<DeviceBwdTraits<H, 128, true>>()) ? BwdConfigId::kHd128Narrow : BwdConfigId::kNone;
+    case 256:
+      return fits(smem_of<DeviceBwdTraits<H, 256>>()) ? BwdConfigId::kHd256 : BwdConfigId::kNone;
+    default:
+      return BwdConfigId::kNone;
+  }
+}
+
+int config_smem(BwdConfigId c) {
+  using namespace flash;
+  using H = cutlass::half_t;
+  switch (c) {
+    case BwdConfigId::kHd64: return smem_of<DeviceBwdTraits<H, 64>>();
+    case BwdConfigId::kHd128: return smem_of<DeviceBwdTraits<H, 128>>();
+    case BwdConfigId::kHd128Narrow: return smem_of<DeviceBwdTraits<H, 128, true>>();
+    case BwdConfigId::kHd256: return smem_of<DeviceBwdTraits<H, 256>>();
+    default: return 0;
+  }
+}
+
 template <typename Elem>
 cudaError_t run_for_dtype(const AttentionParams& p, const AttentionGrads& g, cudaStream_t stream) {
   using namespace flash;
-  if (p.head_dim == 64) return run_flash_bwd<DeviceBwdTraits<Elem, 64>>(p, g, stream);
-  if (p.head_dim != 128) return cudaErrorInvalidValue;
   int dev = 0, max_smem = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  using Wide = DeviceBwdTraits<Elem, 128>;
-  if (std::max(Wide::kSmemDkdv, Wide::kSmemDq) <= max_smem) return run_flash_bwd<Wide>(p, g, stream);
-  return run_flash_bwd<DeviceBwdTraits<Elem, 128, true>>(p, g, stream);
+  switch (pick_config(p.head_dim, max_smem)) {
+    case BwdConfigId::kHd64: return run_flash_bwd<DeviceBwdTraits<Elem, 64>>(p, g, stream);
+    case BwdConfigId::kHd128: return run_flash_bwd<DeviceBwdTraits<Elem, 128>>(p, g, stream);
+    case BwdConfigId::kHd128Narrow: return run_flash_bwd<DeviceBwdTraits<Elem, 128, true>>(p, g, stream);
+    case BwdConfigId::kHd256: return run_flash_bwd<DeviceBwdTraits<Elem, 256>>(p, g, stream);
+    default: return cudaErrorInvalidValue;  // the registration asks flash_backward_smem first
+  }
 }
 
 }  // namespace
+
+size_t flash_backward_smem(int64_t head_dim, int max_smem_optin) {
+  return static_cast<size_t>(config_smem(pick_config(head_dim, max_smem_optin)));
+}
 
 size_t flash_backward_workspace(const AttentionParams& p, KernelDtype, bool deterministic) {
   return flash::bwd_workspace(p, deterministic).total;

@@ -19,6 +19,9 @@ cudaError_t flash_forward(const AttentionParams& p, KernelDtype dtype, cudaStrea
   } else if (p.head_dim == 128) {
     fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd128 : flash::flash_fwd_bf16_hd128_softcap_alibi)
               : (plain ? flash::flash_fwd_fp16_hd128 : flash::flash_fwd_fp16_hd128_softcap_alibi);
+  } else if (p.head_dim == 256) {
+    fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd256 : flash::flash_fwd_bf16_hd256_softcap_alibi)
+              : (plain ? flash::flash_fwd_fp16_hd256 : flash::flash_fwd_fp16_hd256_softcap_alibi);
   }
   return fn != nullptr ? fn(p, stream) : cudaErrorInvalidValue;
 }

@@ -24,10 +24,13 @@ struct FwdTraits {
 
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim % 64 == 0, "shared-memory rows are built from 64-element (128-byte) atoms");
-  // 128 query rows per CTA, 4 warps of 2 x 16 rows each. The key tile keeps the per-thread
-  // score tile plus output accumulator near FlashAttention-2's register budget:
-  // 64 keys x 128 dims or 128 keys x 64 dims.
-  static constexpr int kBlockM = 128;
+  // 4 warps, each owning 16-row slices of the query tile. Tile sizes keep a thread's score
+  // tile plus output accumulator within the register file:
+  //   hd64:  128 rows (2 slices per warp) x 128 keys;
+  //   hd128: 128 rows (2 slices per warp) x 64 keys;
+  //   hd256:  64 rows (1 slice per warp)  x 64 keys (with 128 rows the 256-wide accumulator
+  //           alone would take the whole register file).
+  static constexpr int kBlockM = kHeadDim <= 128 ? 128 : 64;
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : 64;
   static constexpr int kNWarps = 4;
   static constexpr int kNThreads = kNWarps * 32;
