@@ -106,8 +106,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
                            scale, softcap, logn_base, causal, window_left, window_right, sinks,
                            q_start, k_start, max_seqlen_q, max_seqlen_k};
   // Checks every tensor is on q's device (index included) before anything touches the GPU.
+  // That covers every tensor argument of the op, one of which is on CUDA (the dispatcher
+  // picked this kernel from their devices), so q is a CUDA tensor from here on.
   AttentionParams p = make_attention_params(args);
-  TORCH_CHECK_VALUE(q.is_cuda(), "attention: q must be a CUDA tensor here, got ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   const ForwardTensors t = make_forward_tensors(args, &p);
   const KernelDtype dt = kernel_dtype_of(q.scalar_type(), "attention", "q");
@@ -129,6 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
                            scale, softcap, logn_base, causal, window_left, window_right, sinks,
                            q_start, k_start, max_seqlen_q, max_seqlen_k};
   AttentionParams p = make_attention_params(args);
+  // Not implied by make_attention_params: dout, dlse, out and lse are checked only in
+  // prepare_backward, below the guard, so a CUDA dout with CPU q/k/v/out/lse gets here.
   TORCH_CHECK_VALUE(q.is_cuda(), "attention_backward: q must be a CUDA tensor here, got ",
                     q.device());
   const c10::cuda::CUDAGuard guard(q.device());
