@@ -13,33 +13,18 @@ namespace {
 #define LONGATTN_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
-    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
-    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
-                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
-                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const AttentionArgs& args) {
   AttentionParams p = make_attention_params(args);
   const ForwardTensors t = make_forward_tensors(args, &p);
-  LONGATTN_DISPATCH(q.scalar_type(), "longattn::attention", [&] { attention_forward<scalar_t>(p); });
+  LONGATTN_DISPATCH(args.q.scalar_type(), "longattn::attention",
+                    [&] { attention_forward<scalar_t>(p); });
   return {t.out, t.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
-    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
-    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
-                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
-                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+    const AttentionArgs& args, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+    const at::Tensor& out, const at::Tensor& lse) {
+  const at::Tensor &q = args.q, &k = args.k;
   AttentionParams p = make_attention_params(args);
   const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
 
@@ -56,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   g.dk = t.dk.data_ptr();
   g.dv = t.dv.data_ptr();
   g.dsink = t.dsink_ptr(args);
-  g.total_k = cu_seqlens_k.has_value() ? k.size(0) : k.size(0) * k.size(1);
+  g.total_k = args.cu_seqlens_k.has_value() ? k.size(0) : k.size(0) * k.size(1);
   at::Tensor dq_accum;
   if (!dq_direct) {
     dq_accum = at::zeros({g.dq_chunks, q.numel()}, q.options().dtype(lse_dtype(q)));
@@ -70,8 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longattn, CPU, m) {
-  m.impl("attention", &attention_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("attention", &attention_op<&attention_cpu>);
+  m.impl("attention_backward", &attention_backward_op<&attention_backward_cpu>);
   m.impl("merge_attention", &merge_attention_cpu);
   m.impl("merge_attention_backward", &merge_attention_backward_cpu);
   m.impl("merge_attention_", &merge_attention_inplace_cpu);

@@ -108,19 +108,12 @@ cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
-    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
-    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
-                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
-                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const AttentionArgs& args) {
+  const at::Tensor &q = args.q, &k = args.k, &v = args.v;
   // Checks every tensor is on q's device (index included) before anything touches the GPU.
+  // That covers every tensor argument of the op, one of which is on CUDA (the dispatcher
+  // picked this kernel from their devices), so q is a CUDA tensor from here on.
   AttentionParams p = make_attention_params(args);
-  TORCH_CHECK_VALUE(q.is_cuda(), "attention: q must be a CUDA tensor here, got ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   const ForwardTensors t = make_forward_tensors(args, &p);
   const KernelDtype dt = kernel_dtype_of(q.scalar_type(), "attention", "q");
@@ -131,17 +124,12 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
-    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
-    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
-                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
-                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+    const AttentionArgs& args, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+    const at::Tensor& out, const at::Tensor& lse) {
+  const at::Tensor &q = args.q, &k = args.k, &v = args.v;
   AttentionParams p = make_attention_params(args);
+  // Not implied by make_attention_params: dout, dlse, out and lse are checked only in
+  // prepare_backward, below the guard, so a CUDA dout with CPU q/k/v/out/lse gets here.
   TORCH_CHECK_VALUE(q.is_cuda(), "attention_backward: q must be a CUDA tensor here, got ",
                     q.device());
   const c10::cuda::CUDAGuard guard(q.device());
@@ -172,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
-  m.impl("attention", &attention_cuda);
-  m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("attention", &attention_op<&attention_cuda>);
+  m.impl("attention_backward", &attention_backward_op<&attention_backward_cuda>);
 }
 
 }  // namespace longattn::cuda

@@ -49,39 +49,13 @@ int64_t row_smem_bytes(int64_t half, int slots) {
 template <typename T, int N, bool Vec, bool Interleaved, typename C>
 __device__ __forceinline__ void unit_grad(const T* g, const T* x, T* dx, int64_t half, int64_t i0,
                                           const C* cos_t, const C* sin_t, C (&acc)[N]) {
-  if constexpr (Interleaved) {
-    Elems<T, 2 * N, Vec> ge, xe;
-    ge.load(g + 2 * i0);
-    xe.load(x + 2 * i0);
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      C d0, d1;
-      rope::rotate_pair(to_acc(ge.v[2 * j]), to_acc(ge.v[2 * j + 1]), cos_t[i0 + j], sin_t[i0 + j],
-                        &d0, &d1);
-      acc[j] += to_acc(xe.v[2 * j]) * d1 - to_acc(xe.v[2 * j + 1]) * d0;
-      ge.v[2 * j] = from_acc<T>(d0);
-      ge.v[2 * j + 1] = from_acc<T>(d1);
-    }
-    if (dx != nullptr) ge.store(dx + 2 * i0);
-  } else {
-    Elems<T, N, Vec> g0e, g1e, x0e, x1e;
-    g0e.load(g + i0);
-    g1e.load(g + half + i0);
-    x0e.load(x + i0);
-    x1e.load(x + half + i0);
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      C d0, d1;
-      rope::rotate_pair(to_acc(g0e.v[j]), to_acc(g1e.v[j]), cos_t[i0 + j], sin_t[i0 + j], &d0, &d1);
-      acc[j] += to_acc(x0e.v[j]) * d1 - to_acc(x1e.v[j]) * d0;
-      g0e.v[j] = from_acc<T>(d0);
-      g1e.v[j] = from_acc<T>(d1);
-    }
-    if (dx != nullptr) {
-      g0e.store(dx + i0);
-      g1e.store(dx + half + i0);
-    }
-  }
+  rope_device::RopeUnit<T, N, Vec, Interleaved> gu, xu;
+  gu.load(g, half, i0);
+  xu.load(x, half, i0);
+  rope_device::rotate_unit(gu, i0, cos_t, sin_t, [&](int j, C d0, C d1) {
+    acc[j] += to_acc(xu.first(j)) * d1 - to_acc(xu.second(j)) * d0;
+  });
+  if (dx != nullptr) gu.store(dx, half, i0);
 }
 
 // At least 4 blocks of 256 threads per SM (<= 64 registers): the kernel is memory-bound.

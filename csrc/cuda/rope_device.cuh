@@ -1,6 +1,7 @@
 // Pieces shared by the CUDA RoPE kernels (rope_kernel.cu: the rotation; rope_backward_kernel.cu:
-// the backward with the inv_freq gradient): a token's cos/sin table, the copy of the features
-// past rotary_dim, and the host-side choice of the row access (16-byte vectors when aligned).
+// the backward with the inv_freq gradient): a token's cos/sin table, the rotation of one unit of
+// pairs, the copy of the features past rotary_dim, and the host-side choice of the row access
+// (16-byte vectors when aligned).
 // Only common/ headers and the CUDA toolkit's: no ATen here.
 #pragma once
 #include <cuda_runtime.h>
@@ -26,6 +27,64 @@ __device__ __forceinline__ void fill_table(const RopeParams& p, int64_t pos, C* 
     cos_t[i] = c * cos_mul;
     sin_t[i] = s * sin_mul;
   }
+}
+
+// One unit of a head's row: N pairs, i in [i0, i0 + N). NeoX: pair i is features (i, half + i),
+// two runs of N (lo, hi); interleaved: (2i, 2i + 1), one run of 2N (lo; hi unused). Each run is
+// moved with one access (16 bytes when Vec).
+template <typename T, int N, bool Vec, bool Interleaved>
+struct RopeUnit {
+  Elems<T, Interleaved ? 2 * N : N, Vec> lo;
+  Elems<T, N, Vec> hi;
+
+  __device__ __forceinline__ void load(const T* row, int64_t half, int64_t i0) {
+    if constexpr (Interleaved) {
+      lo.load(row + 2 * i0);
+    } else {
+      lo.load(row + i0);
+      hi.load(row + half + i0);
+    }
+  }
+  __device__ __forceinline__ void store(T* row, int64_t half, int64_t i0) const {
+    if constexpr (Interleaved) {
+      lo.store(row + 2 * i0);
+    } else {
+      lo.store(row + i0);
+      hi.store(row + half + i0);
+    }
+  }
+  // The two elements of pair i0 + j.
+  __device__ __forceinline__ T& first(int j) { return lo.v[Interleaved ? 2 * j : j]; }
+  __device__ __forceinline__ T& second(int j) {
+    if constexpr (Interleaved) {
+      return lo.v[2 * j + 1];
+    } else {
+      return hi.v[j];
+    }
+  }
+};
+
+// Rotates the pairs of a unit in place by the table's entries i0 .. i0 + N - 1, in the compute
+// type C; on_pair(j, y0, y1) sees each rotated pair before it is rounded to T (the backward
+// accumulates the inv_freq gradient there).
+template <typename C, typename T, int N, bool Vec, bool Interleaved, typename OnPair>
+__device__ __forceinline__ void rotate_unit(RopeUnit<T, N, Vec, Interleaved>& u, int64_t i0,
+                                            const C* cos_t, const C* sin_t, OnPair&& on_pair) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    C y0, y1;
+    rope::rotate_pair(to_acc(u.first(j)), to_acc(u.second(j)), cos_t[i0 + j], sin_t[i0 + j], &y0,
+                      &y1);
+    on_pair(j, y0, y1);
+    u.first(j) = from_acc<T>(y0);
+    u.second(j) = from_acc<T>(y1);
+  }
+}
+
+template <typename C, typename T, int N, bool Vec, bool Interleaved>
+__device__ __forceinline__ void rotate_unit(RopeUnit<T, N, Vec, Interleaved>& u, int64_t i0,
+                                            const C* cos_t, const C* sin_t) {
+  rotate_unit(u, i0, cos_t, sin_t, [](int, C, C) {});
 }
 
 // Out of place: features past rotary_dim of every head of one token, in -> out, by the threads

@@ -20,12 +20,10 @@
 namespace longattn::cuda {
 namespace {
 
-// NeoX: a unit is N pairs (i, i + half), i in [u*N, u*N + N). Interleaved: a unit is N pairs
-// (2i, 2i + 1), i.e. 2N contiguous elements.
+// Each thread of a token rotates units of N pairs of a head (rope_device::RopeUnit).
 template <typename T, int N, bool Vec, bool Interleaved>
 __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail_vec) {
   using C = acc_t<T>;
-  constexpr int kElems = Interleaved ? 2 * N : N;
   const int64_t half = p.rotary_dim / 2;
   C* cos_t = dynamic_smem<C>() + threadIdx.y * 2 * half;
   C* sin_t = cos_t + half;
@@ -44,36 +42,11 @@ __global__ void __launch_bounds__(256) rope_kernel(const RopeParams p, bool tail
     T* out_tok = static_cast<T*>(v.out) + b * v.out_stride_b + l * v.out_stride_l;
     const int64_t units = v.heads * units_per_row;
     for (int64_t w = threadIdx.x; w < units; w += blockDim.x) {
-      const int64_t h = w / units_per_row, u = w % units_per_row;
-      const T* in = in_tok + h * v.in_stride_h;
-      T* out = out_tok + h * v.out_stride_h;
-      const int64_t i0 = u * N;
-      if constexpr (Interleaved) {
-        Elems<T, kElems, Vec> a;
-        a.load(in + 2 * i0);
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-          C y0, y1;
-          rope::rotate_pair(to_acc(a.v[2 * j]), to_acc(a.v[2 * j + 1]), cos_t[i0 + j],
-                            sin_t[i0 + j], &y0, &y1);
-          a.v[2 * j] = from_acc<T>(y0);
-          a.v[2 * j + 1] = from_acc<T>(y1);
-        }
-        a.store(out + 2 * i0);
-      } else {
-        Elems<T, kElems, Vec> a, bb;
-        a.load(in + i0);
-        bb.load(in + half + i0);
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-          C y0, y1;
-          rope::rotate_pair(to_acc(a.v[j]), to_acc(bb.v[j]), cos_t[i0 + j], sin_t[i0 + j], &y0, &y1);
-          a.v[j] = from_acc<T>(y0);
-          bb.v[j] = from_acc<T>(y1);
-        }
-        a.store(out + i0);
-        bb.store(out + half + i0);
-      }
+      const int64_t h = w / units_per_row, i0 = (w % units_per_row) * N;
+      rope_device::RopeUnit<T, N, Vec, Interleaved> a;
+      a.load(in_tok + h * v.in_stride_h, half, i0);
+      rope_device::rotate_unit(a, i0, cos_t, sin_t);
+      a.store(out_tok + h * v.out_stride_h, half, i0);
     }
     rope_device::copy_tail<T>(p, v, in_tok, out_tok, tail_vec);
   }

@@ -69,16 +69,9 @@ void dispatch(at::ScalarType st, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_emu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
-    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
-    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t smem_limit, int64_t seed) {
-  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
-                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
-                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+std::tuple<at::Tensor, at::Tensor> attention_emu(const AttentionArgs& args, int64_t smem_limit,
+                                                 int64_t seed) {
+  const at::Tensor& q = args.q;
   AttentionParams p = make_attention_params(args);
   const Guarded out = guarded_empty(q.sizes(), q.options());
   const Guarded lse = guarded_empty(lse_shape(args), q.options().dtype(lse_dtype(q)));
@@ -94,16 +87,9 @@ std::tuple<at::Tensor, at::Tensor> attention_emu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(
-    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
-    double scale, double softcap, double logn_base, bool causal, int64_t window_left,
-    int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t smem_limit, int64_t seed) {
-  const AttentionArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits,
-                           scale, softcap, logn_base, causal, window_left, window_right, sinks,
-                           q_start, k_start, max_seqlen_q, max_seqlen_k};
+    const AttentionArgs& args, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+    const at::Tensor& out, const at::Tensor& lse, int64_t smem_limit, int64_t seed) {
+  const at::Tensor& q = args.q;
   AttentionParams p = make_attention_params(args);
   const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
   // The outputs again, with guard bands.
@@ -117,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_em
   g.dq = dq.view.data_ptr();
   g.dk = dk.view.data_ptr();
   g.dv = dv.view.data_ptr();
-  g.dsink = sink_logits ? dsink.view.data_ptr() : nullptr;
+  g.dsink = args.sink_logits ? dsink.view.data_ptr() : nullptr;
   const size_t acc = q.scalar_type() == at::kDouble ? 8 : 4;
   g.workspace_bytes = simt_workspace_bytes(p, acc);
   const Guarded ws = guarded_empty({static_cast<int64_t>(g.workspace_bytes)}, q.options().dtype(at::kByte));
@@ -182,6 +168,7 @@ TORCH_LIBRARY(longattn_emu, m) {
 }
 
 TORCH_LIBRARY_IMPL(longattn_emu, CPU, m) {
-  m.impl("attention", &attention_emu);
-  m.impl("attention_backward", &attention_backward_emu);
+  m.impl("attention", &attention_op<&attention_emu, int64_t, int64_t>);
+  m.impl("attention_backward",
+         &attention_backward_op<&attention_backward_emu, int64_t, int64_t>);
 }
