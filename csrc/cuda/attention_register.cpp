@@ -130,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   AttentionParams p = make_attention_params(args);
   // Not implied by make_attention_params: dout, dlse, out and lse are checked only in
   // prepare_backward, below the guard, so a CUDA dout with CPU q/k/v/out/lse gets here.
-  TORCH_CHECK_VALUE(q.is_cuda(), "attention_backward: q must be a CUDA tensor here, got ",
-                    q.device());
+  TORCH_CHECK_VALUE(q.is_cuda(), "attention_backward: q, k and v are on ", q.device(),
+                    " but dout, dlse, out or lse is a CUDA tensor; all must be on one device");
   const c10::cuda::CUDAGuard guard(q.device());
   const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
   AttentionGrads g;
