@@ -4,8 +4,8 @@ bit-identical gradients in deterministic mode, the fallback for unaligned stride
 and the errors of several devices.
 
 The rest of the suite runs on CUDA too (the `device` fixture); this file adds the head dims and
-dtypes of the flash kernels (fp16/bf16, hd 64/128/256; the hd 256 backward where the device has
-the shared memory) with every mask option. The backend is chosen
+dtypes of the flash kernels (fp16/bf16, hd 64/96/128/256; the backward's hd 96 and 256 where the
+device has their shared memory, SIMT otherwise) with every mask option. The backend is chosen
 per call from LONGATTN_CUDA_BACKEND (auto | flash | simt), set here with monkeypatch.
 Tolerances: REFERENCES.md section 1 (helpers.assert_close_rule). Skipped without a GPU and a CUDA
 build of longattn.
@@ -27,19 +27,26 @@ pytestmark = [pytest.mark.cuda,
 BACKEND_ENV = "LONGATTN_CUDA_BACKEND"
 FLASH_DTYPES = [torch.bfloat16, torch.float16]
 FLASH_DTYPE_IDS = ["bf16", "fp16"]
-FLASH_FWD_DIMS = [64, 128, 256]  # cuda/attention/attention_launch.h kFlashHeadDims
-# The flash backward at hd 256 needs 176 KB of shared memory per block (flash/bwd_traits.h
-# kSmemDkdv: sm_90 parts); elsewhere its gradients run on the SIMT kernels.
-HD256_BWD_SMEM = (3 * 64 * 256 + 2 * 64 * 256 + 2 * 64 * 64) * 2
+FLASH_FWD_DIMS = [64, 96, 128, 256]  # cuda/attention/attention_launch.h kFlashHeadDims
+# Shared memory per block the flash backward needs (flash/bwd_traits.h kSmemDkdv of the
+# bwd_configs.h tiles): hd 96 116 KB (A100, H100), hd 256 176 KB (H100); the SIMT backward runs
+# where it is missing.
+BWD_SMEM = {96: (3 * 64 * 96 + 2 * 128 * 96 + 2 * 64 * 128) * 2, 256: (3 * 64 * 256 + 2 * 64 * 256 + 2 * 64 * 64) * 2}
 
 
 def _smem_optin():
+    """cudaDevAttrMaxSharedMemoryPerBlockOptin of GPU 0 (from the compute capability where this
+    torch's device properties lack it)."""
     if not torch.cuda.is_available():
         return 0
-    return getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 0)
+    props = torch.cuda.get_device_properties(0)
+    if hasattr(props, "shared_memory_per_block_optin"):
+        return props.shared_memory_per_block_optin
+    kb = {(8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99, (9, 0): 227}.get((props.major, props.minor), 99)
+    return kb * 1024
 
 
-FLASH_BWD_DIMS = [64, 128] + ([256] if _smem_optin() >= HD256_BWD_SMEM else [])
+FLASH_BWD_DIMS = [D for D in FLASH_FWD_DIMS if _smem_optin() >= BWD_SMEM.get(D, 0)]
 ERRS = (ValueError, RuntimeError, TypeError)
 # Options for the gradient tests (COMBOS keys): every mask kind and score option once.
 GRAD_COMBOS = ["none", "causal", "causal_win", "win_both", "lambda", "softcap", "alibi_causal_win", "logn",
@@ -150,17 +157,19 @@ def test_flash_and_simt_agree(combo, dtype, D, monkeypatch):
         assert_agree(a, b, r, l_, 2.0 if i < 2 else 3.0, names[i])
 
 
-@pytest.mark.skipif(_smem_optin() >= HD256_BWD_SMEM, reason="the flash backward fits at hd 256 here")
-def test_hd256_backward_without_the_shared_memory(monkeypatch):
-    """Devices whose blocks cannot opt in to 176 KB: the auto backend runs the hd 256 gradients on
-    the SIMT kernels (right to the rule); forcing flash says how much shared memory is missing."""
-    q, k, v = qkv(2, 150, 150, 4, 2, 256, torch.bfloat16)
+@pytest.mark.parametrize("D", [D for D in FLASH_FWD_DIMS if D not in FLASH_BWD_DIMS] or
+                         [pytest.param(256, marks=pytest.mark.skip(reason="every flash backward fits here"))])
+def test_backward_without_the_shared_memory(D, monkeypatch):
+    """Head dims whose flash backward needs more shared memory per block than the device offers:
+    the auto backend runs their gradients on the SIMT kernels (right to the rule); forcing flash
+    says how much is missing."""
+    q, k, v = qkv(2, 150, 150, 4, 2, D, torch.bfloat16)
     kw = dict(causal=True, window=(60, 0), sinks=2)
     check_backward(q, k, v, **kw)
     monkeypatch.setenv(BACKEND_ENV, "flash")
     ins = [leaf(x) for x in (q, k, v)]
     out, _ = call_attention(*ins, **kw)
-    with pytest.raises(ValueError, match="flash backward at head_dim 256 needs 176 KB of shared memory"):
+    with pytest.raises(ValueError, match=f"flash backward at head_dim {D} needs {BWD_SMEM[D] // 1024} KB"):
         torch.autograd.grad(out, ins, torch.randn_like(out))
 
 
@@ -222,7 +231,7 @@ def test_fuzz_flash_dims(seed):
     shape, kw, _ = draw_case(seed)
     kw = to_device(kw, "cuda")
     dtype = FLASH_DTYPES[seed % 2]
-    D = FLASH_FWD_DIMS[(seed // 2) % 3]
+    D = FLASH_FWD_DIMS[(seed // 2) % len(FLASH_FWD_DIMS)]
     B, H, Hk, Lq, Lk = (shape[x] for x in ("B", "H", "Hk", "Lq", "Lk"))
     q, k, v = qkv(B, Lq, Lk, H, Hk, D, dtype)
     check_forward(q, k, v, **kw)

@@ -9,9 +9,9 @@ Forward: out and lse against the float64 reference with the suite's tolerance ru
 over plain PyTorch in the kernel's dtype); rows without a visible key must be exactly out 0,
 lse -inf (lse = z with a sink logit). Backward: dq/dk/dv/dsink, factor 3.
 
-The default run (make test) is small: 11 forward cases (about 40 s, plus about a minute to
-compile the forward library once) and 15 backward ones. LONGATTN_FLASH_EMU=full runs every
-forward case in both dtypes and every head dim (64, 128, 256), 60 random forward problems, and
+The default run (make test) is small: 13 forward cases (about 50 s, plus about a minute to
+compile the forward library once) and 16 backward ones. LONGATTN_FLASH_EMU=full runs every
+forward case in both dtypes and every head dim (64, 96, 128, 256), 60 random forward problems, and
 every backward case in both dQ modes.
 
 Needs g++, the CUDA toolkit headers (cuda/std, cuda_runtime_api.h) and CUTLASS 4.2 headers
@@ -393,9 +393,9 @@ CASES = {
 _FULL = os.environ.get("LONGATTN_FLASH_EMU") == "full"
 
 
-# Forward cases (hd64 fp16 unless given). Query tiles are 128 rows (hd64, hd128) or 64 (hd256), key
-# tiles 128 keys (hd64) or 64 (hd128, hd256): lengths cut the last tiles short, and most cases have
-# several tiles both ways.
+# Forward cases (hd64 fp16 unless given). Query tiles are 128 rows (hd64, hd96, hd128) or 64
+# (hd256), key tiles 128 keys (hd64) or 64 (the others): lengths cut the last tiles short, and most
+# cases have several tiles both ways.
 FWD_CASES = {
     "causal_gqa": dict(causal=True, Hq=2, Hkv=1, Lq=300, Lk=300),
     "noncausal_lq_ne_lk": dict(Lq=150, Lk=333, scale=0.6),  # large logits: the running max moves
@@ -424,6 +424,10 @@ FWD_CASES = {
     "hd128_bf16_softcap_lambda": dict(D=128, dtype=torch.bfloat16, softcap=8.0, causal=True, window=(100, 0),
                                       sinks=4, Lq=200, Lk=230),
     "hd128_varlen_alibi": dict(D=128, alibi=True, cu_q=[0, 12, 150], cu_k=[0, 0, 170], causal=True, Hq=2, Hkv=1),
+    # hd96: shared-memory rows of 32-element atoms (2-bit swizzle), 3 column steps per copy.
+    "hd96_lambda_gqa": dict(D=96, causal=True, window=(100, 0), sinks=4, Hq=4, Hkv=2, Lq=270, Lk=270),
+    "hd96_bf16_softcap_alibi_varlen": dict(D=96, dtype=torch.bfloat16, softcap=7.0, alibi=True, causal=True,
+                                           cu_q=[0, 5, 140, 150], cu_k=[0, 9, 170, 200], layout="dilated"),
     # hd256: one 16-row slice per warp (64-row query tiles).
     "hd256_gqa_window": dict(D=256, causal=True, window=(90, 0), Hq=2, Hkv=1, Lq=150, Lk=170),
     "hd256_bf16_softcap_sinks": dict(D=256, dtype=torch.bfloat16, softcap=6.0, causal=True, window=(70, 0),
@@ -433,8 +437,8 @@ FWD_CASES = {
 }
 # The default run (make test): every instantiation and feature once, in about a minute.
 _FWD_DEFAULT = ["causal_gqa", "lambda", "sink_logits", "softcap_alibi_logn", "dilated_view", "varlen",
-                "varlen_folded", "hd128", "hd128_bf16_softcap_lambda", "hd256_gqa_window",
-                "hd256_bf16_softcap_sinks"]
+                "varlen_folded", "hd128", "hd128_bf16_softcap_lambda", "hd96_lambda_gqa",
+                "hd96_bf16_softcap_alibi_varlen", "hd256_gqa_window", "hd256_bf16_softcap_sinks"]
 
 
 def _fwd_params():
@@ -445,7 +449,7 @@ def _fwd_params():
         return [pytest.param(n, {}, id=n) for n in _FWD_DEFAULT]
     out = []
     for i, (n, c) in enumerate(FWD_CASES.items()):
-        for j, (D, dt) in enumerate([(D, dt) for D in (64, 128, 256) for dt in (torch.float16, torch.bfloat16)]):
+        for j, (D, dt) in enumerate([(D, dt) for D in (64, 96, 128, 256) for dt in (torch.float16, torch.bfloat16)]):
             policy = (5, 1, 6)[(i + j) % 3]
             extra = dict(D=D, dtype=dt, policy=policy, seed=j)
             out.append(pytest.param(n, extra, id=f"{n}-hd{D}-{str(dt)[6:]}-p{policy}"))
@@ -463,7 +467,7 @@ def _random_fwd_case(seed):
     import random
 
     rng = random.Random(seed)
-    c = dict(D=rng.choice([64, 128, 256]), dtype=rng.choice([torch.float16, torch.bfloat16]), seed=seed,
+    c = dict(D=rng.choice([64, 96, 128, 256]), dtype=rng.choice([torch.float16, torch.bfloat16]), seed=seed,
              policy=rng.choice([0, 1, 5, 6]), layout=rng.choice(["bshd", "bhsd", "dilated"]))
     c["Hkv"] = rng.choice([1, 2])
     c["Hq"] = c["Hkv"] * rng.choice([1, 2, 3])
@@ -529,15 +533,18 @@ def test_flash_bwd_emulated_hd128(emu_lib, narrow, deterministic):
 
 @pytest.mark.parametrize("case", ["softcap_lambda", "alibi_varlen_sinklogit"] if _FULL else ["softcap_lambda"])
 @pytest.mark.parametrize("deterministic", [False, True] if _FULL else [True])
-def test_flash_bwd_emulated_hd256(emu_lib, case, deterministic):
-    """Head dim 256: 64 x 64 tiles, 8 warps (4 x 2 for S/dP, 2 x 4 for dK/dV and dQ)."""
+@pytest.mark.parametrize("D", [96, 256])
+def test_flash_bwd_emulated_hd96_hd256(emu_lib, D, case, deterministic):
+    """Head dim 96: 64 x 128 tiles, smem rows of 32-element atoms, 4 threads per row in the
+    copies and the delta kernel (3 vectors each). Head dim 256: 64 x 64 tiles (4 x 2 warps for
+    S/dP, 2 x 4 for dK/dV and dQ)."""
     kw = dict(
         softcap_lambda=dict(causal=True, window=(90, 0), sinks=3, Hq=4, Hkv=2, Lq=150, Lk=170, softcap=6.0,
                             dtype=torch.bfloat16),
         alibi_varlen_sinklogit=dict(cu_q=[0, 7, 7, 120], cu_k=[0, 30, 40, 170], causal=True, alibi=True,
                                     sink_logits=True, Hq=2, Hkv=1, dlse=True),
     )[case]
-    run_case(emu_lib, D=256, deterministic=deterministic, policy=5, **kw)
+    run_case(emu_lib, D=D, deterministic=deterministic, policy=5, **kw)
 
 
 def test_flash_bwd_emulated_deterministic_repeats(emu_lib):

@@ -189,6 +189,8 @@ int main() {
   check_layouts<FwdTraits<half_t, 128, FlashDeviceOps>>("fp16 hd128");
   check_layouts<FwdTraits<bfloat16_t, 64, FlashDeviceOps>>("bf16 hd64");
   check_layouts<FwdTraits<bfloat16_t, 128, FlashDeviceOps>>("bf16 hd128");
+  check_layouts<FwdTraits<half_t, 96, FlashDeviceOps>>("fp16 hd96");
+  check_layouts<FwdTraits<bfloat16_t, 96, FlashDeviceOps>>("bf16 hd96");
   check_layouts<FwdTraits<half_t, 256, FlashDeviceOps>>("fp16 hd256");
   check_layouts<FwdTraits<bfloat16_t, 256, FlashDeviceOps>>("bf16 hd256");
   // (query tile, key tile) of hd128 / hd256, hd64.

@@ -72,8 +72,9 @@ void run_emulated(const EmuArgs& a) {
 template <class Elem>
 void dispatch_hdim(const EmuArgs& a) {
   if (a.head_dim == 64) return run_emulated<typename BwdConfig<Elem, 64, false, emu::EmuOps>::Traits>(a);
+  if (a.head_dim == 96) return run_emulated<typename BwdConfig<Elem, 96, false, emu::EmuOps>::Traits>(a);
   if (a.head_dim == 256) return run_emulated<typename BwdConfig<Elem, 256, false, emu::EmuOps>::Traits>(a);
-  if (a.head_dim != 128) emu::fail("head dim must be 64, 128 or 256");
+  if (a.head_dim != 128) emu::fail("head dim must be 64, 96, 128 or 256");
   if (a.narrow) return run_emulated<typename BwdConfig<Elem, 128, true, emu::EmuOps>::Traits>(a);
   return run_emulated<typename BwdConfig<Elem, 128, false, emu::EmuOps>::Traits>(a);
 }

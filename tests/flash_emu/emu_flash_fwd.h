@@ -42,6 +42,7 @@ template <class Elem>
 void forward(const EmuArgs& a) {
   const bool plain = to_params(a).score.plain();
   if (a.head_dim == 64) return forward_hd<Elem, 64>(a, plain);
+  if (a.head_dim == 96) return forward_hd<Elem, 96>(a, plain);
   if (a.head_dim == 128) return forward_hd<Elem, 128>(a, plain);
   return forward_hd<Elem, 256>(a, plain);
 }

@@ -19,7 +19,7 @@ namespace longattn::cuda {
 
 // Head dims the tensor-core kernels are instantiated for (forward and backward; the backward
 // also needs the device's shared memory, see flash_backward_smem).
-constexpr int kFlashHeadDims[] = {64, 128, 256};
+constexpr int kFlashHeadDims[] = {64, 96, 128, 256};
 
 inline bool flash_supported(KernelDtype dtype, int64_t head_dim) {
   if (dtype != KernelDtype::kFloat16 && dtype != KernelDtype::kBFloat16) return false;
@@ -59,8 +59,8 @@ cudaError_t simt_forward(const AttentionParams& p, KernelDtype dtype, cudaStream
 size_t flash_backward_workspace(const AttentionParams& p, KernelDtype dtype, bool deterministic);
 size_t simt_backward_workspace(const AttentionParams& p, KernelDtype dtype, bool deterministic);
 // Shared memory per block of the flash backward configuration that runs at this head dim on a
-// device whose blocks may opt in to max_smem_optin bytes; 0 when none fits (hd 256 needs the
-// 227 KB of sm_90 parts; hd 128 has narrow tiles for 99 KB parts): the SIMT backward then runs.
+// device whose blocks may opt in to max_smem_optin bytes; 0 when none fits (hd 96 needs 116 KB,
+// hd 256 176 KB; hd 128 has narrow tiles for 99 KB parts): the SIMT backward then runs.
 size_t flash_backward_smem(int64_t head_dim, int max_smem_optin);
 cudaError_t flash_backward(const AttentionParams& p, const AttentionGrads& g, KernelDtype dtype,
                            cudaStream_t stream);

@@ -15,7 +15,7 @@ constexpr int smem_of() {
 }
 
 // The configurations of a head dim, widest tiles first (fp16 and bf16 tiles have the same size).
-enum class BwdConfigId { kNone, kHd64, kHd128, kHd128Narrow, kHd256 };
+enum class BwdConfigId { kNone, kHd64, kHd96, kHd128, kHd128Narrow, kHd256 };
 
 BwdConfigId pick_config(int64_t head_dim, int max_smem_optin) {
   using namespace flash;
@@ -24,6 +24,8 @@ BwdConfigId pick_config(int64_t head_dim, int max_smem_optin) {
   switch (head_dim) {
     case 64:
       return fits(smem_of<DeviceBwdTraits<H, 64>>()) ? BwdConfigId::kHd64 : BwdConfigId::kNone;
+    case 96:
+      return fits(smem_of<DeviceBwdTraits<H, 96>>()) ? BwdConfigId::kHd96 : BwdConfigId::kNone;
     case 128:
       if (fits(smem_of<DeviceBwdTraits<H, 128>>())) return BwdConfigId::kHd128;
       return fits(smem_of<DeviceBwdTraits<H, 128, true>>()) ? BwdConfigId::kHd128Narrow : BwdConfigId::kNone;
@@ -39,6 +41,7 @@ int config_smem(BwdConfigId c) {
   using H = cutlass::half_t;
   switch (c) {
     case BwdConfigId::kHd64: return smem_of<DeviceBwdTraits<H, 64>>();
+    case BwdConfigId::kHd96: return smem_of<DeviceBwdTraits<H, 96>>();
     case BwdConfigId::kHd128: return smem_of<DeviceBwdTraits<H, 128>>();
     case BwdConfigId::kHd128Narrow: return smem_of<DeviceBwdTraits<H, 128, true>>();
     case BwdConfigId::kHd256: return smem_of<DeviceBwdTraits<H, 256>>();
@@ -55,6 +58,7 @@ cudaError_t run_for_dtype(const AttentionParams& p, const AttentionGrads& g, cud
   if (err != cudaSuccess) return err;
   switch (pick_config(p.head_dim, max_smem)) {
     case BwdConfigId::kHd64: return run_flash_bwd<DeviceBwdTraits<Elem, 64>>(p, g, stream);
+    case BwdConfigId::kHd96: return run_flash_bwd<DeviceBwdTraits<Elem, 96>>(p, g, stream);
     case BwdConfigId::kHd128: return run_flash_bwd<DeviceBwdTraits<Elem, 128>>(p, g, stream);
     case BwdConfigId::kHd128Narrow: return run_flash_bwd<DeviceBwdTraits<Elem, 128, true>>(p, g, stream);
     case BwdConfigId::kHd256: return run_flash_bwd<DeviceBwdTraits<Elem, 256>>(p, g, stream);

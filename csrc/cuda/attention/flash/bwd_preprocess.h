@@ -17,14 +17,17 @@ BWD_DEVICE int64_t lse_index(const AttentionParams& p, int64_t r, int64_t h) {
   return ((r / p.seqlen_q) * p.heads_q + h) * p.seqlen_q + r % p.seqlen_q;
 }
 
-// delta = rowsum(dO * O) - dlse for every (row, q head); kThreadsPerRow threads per row, 8
-// elements (16 bytes) each, summed with a fixed butterfly.
+// delta = rowsum(dO * O) - dlse for every (row, q head); kThreadsPerRow threads per row (the
+// largest power of two dividing the row's 16-byte vectors, at most 32), kVecs vectors of 8
+// elements each, summed in a fixed order (the vectors, then a butterfly).
 template <class Ops, typename Elem, int kHeadDim>
 struct DeltaKernel {
   static constexpr int kThreads = 256;
-  static constexpr int kThreadsPerRow = kHeadDim / 8;
+  static constexpr int kRowVecs = kHeadDim / 8;
+  static constexpr int kThreadsPerRow = (kRowVecs & -kRowVecs) < 32 ? (kRowVecs & -kRowVecs) : 32;
+  static constexpr int kVecs = kRowVecs / kThreadsPerRow;
   static constexpr int kRowsPerBlock = kThreads / kThreadsPerRow;
-  static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0);
+  static_assert(kHeadDim % 8 == 0 && kVecs * kThreadsPerRow == kRowVecs);
 
   static BWD_DEVICE void run(const BwdParams& bp, int64_t block, int tid) {
     const AttentionParams& p = bp.p;
@@ -34,12 +37,15 @@ struct DeltaKernel {
     float acc = 0.f;
     if (valid) {
       // out / dout rows are (rows, heads_q, head_dim) contiguous: item * head_dim is the row.
-      const int64_t off = item * kHeadDim + lane * 8;
       using Vec = cutlass::AlignedArray<Elem, 8>;
-      const Vec o = *reinterpret_cast<const Vec*>(static_cast<const Elem*>(p.out) + off);
-      const Vec d = *reinterpret_cast<const Vec*>(static_cast<const Elem*>(bp.dout) + off);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc += static_cast<float>(o[e]) * static_cast<float>(d[e]);
+      for (int i = 0; i < kVecs; ++i) {
+        const int64_t off = item * kHeadDim + (i * kThreadsPerRow + lane) * 8;
+        const Vec o = *reinterpret_cast<const Vec*>(static_cast<const Elem*>(p.out) + off);
+        const Vec d = *reinterpret_cast<const Vec*>(static_cast<const Elem*>(bp.dout) + off);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc += static_cast<float>(o[e]) * static_cast<float>(d[e]);
+      }
     }
 #pragma unroll
     for (int m = kThreadsPerRow / 2; m > 0; m >>= 1) acc += Ops::shfl_xor(acc, m);

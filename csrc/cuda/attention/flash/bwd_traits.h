@@ -30,7 +30,7 @@ struct BwdTraits {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
-  static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0 && kBlockN % 64 == 0);
+  static_assert(kHeadDim % 32 == 0 && kBlockM % 64 == 0 && kBlockN % 64 == 0);
   static_assert(kNWarps % kAtomMSdP == 0 && kNWarps % kAtomMdKV == 0 && kNWarps % kAtomMdQ == 0);
 
   using MmaAtom = MMA_Atom<typename Ops::template Mma<Elem>>;
@@ -43,10 +43,15 @@ struct BwdTraits {
 
   // Every smem tile is built from 8 x 64 element atoms (8 rows of 128 bytes) with the
   // 3-bit XOR swizzle, so ldmatrix reads of 8 rows (plain or transposed) and the 16-byte
-  // cp.async writes both hit 8 different bank groups.
+  // cp.async writes both hit 8 different bank groups. Tiles along a head dim that is an odd
+  // multiple of 32 (96) use 8 x 32 atoms with the 2-bit swizzle (chunk ^= (row / 2) % 4), which
+  // keeps those 8 rows in distinct bank groups too.
+  static constexpr int kAtomCols = kHeadDim % 64 == 0 ? 64 : 32;
   using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutK = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemAtomD = decltype(composition(Swizzle<kAtomCols == 64 ? 3 : 2, 3, 3>{},
+                                         Layout<Shape<_8, Int<kAtomCols>>, Stride<Int<kAtomCols>, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtomD{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtomD{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   using SmemLayoutS = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
   // Transposed views of the same bytes: (head dim, queries), (head dim, keys), (keys, queries).
   using SmemLayoutQt = decltype(composition(SmemLayoutQ{},
@@ -71,15 +76,18 @@ struct BwdTraits {
   // columns, one 32-bit store each.
   using SmemStoreAtom = Copy_Atom<UniversalCopy<uint32_t>, Elem>;
 
-  // Global <-> smem: 16-byte vectors, 8 threads per 64-column row slab.
+  // Global <-> smem: 16-byte vectors, one thread per 16-byte chunk of an atom row (8 threads
+  // per 64-column slab, 4 per 32-column one).
   static constexpr int kGmemVec = 16 / int(sizeof(Elem));
   static_assert(kGmemVec == 8);
-  using GmemThreads = Layout<Shape<Int<kNThreads / 8>, _8>, Stride<_8, _1>>;
+  static constexpr int kGmemThreadsPerRow = kAtomCols / kGmemVec;
+  static constexpr int kGmemRows = kNThreads / kGmemThreadsPerRow;
+  using GmemThreads = Layout<Shape<Int<kGmemRows>, Int<kGmemThreadsPerRow>>, Stride<Int<kGmemThreadsPerRow>, _1>>;
   using GmemLoad = decltype(make_tiled_copy(Copy_Atom<typename Ops::CpAsync, Elem>{}, GmemThreads{},
                                             Layout<Shape<_1, _8>>{}));
   using GmemStore = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Elem>{},
                                              GmemThreads{}, Layout<Shape<_1, _8>>{}));
-  static_assert(kBlockM % (kNThreads / 8) == 0 && kBlockN % (kNThreads / 8) == 0);
+  static_assert(kBlockM % kGmemRows == 0 && kBlockN % kGmemRows == 0);
 };
 
 }  // namespace longattn::cuda::flash

@@ -16,6 +16,9 @@ cudaError_t flash_forward(const AttentionParams& p, KernelDtype dtype, cudaStrea
   if (p.head_dim == 64) {
     fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd64 : flash::flash_fwd_bf16_hd64_softcap_alibi)
               : (plain ? flash::flash_fwd_fp16_hd64 : flash::flash_fwd_fp16_hd64_softcap_alibi);
+  } else if (p.head_dim == 96) {
+    fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd96 : flash::flash_fwd_bf16_hd96_softcap_alibi)
+              : (plain ? flash::flash_fwd_fp16_hd96 : flash::flash_fwd_fp16_hd96_softcap_alibi);
   } else if (p.head_dim == 128) {
     fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd128 : flash::flash_fwd_bf16_hd128_softcap_alibi)
               : (plain ? flash::flash_fwd_fp16_hd128 : flash::flash_fwd_fp16_hd128_softcap_alibi);

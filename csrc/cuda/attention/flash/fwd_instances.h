@@ -16,6 +16,10 @@ cudaError_t flash_fwd_fp16_hd64_softcap_alibi(const AttentionParams& p, cudaStre
 cudaError_t flash_fwd_fp16_hd128_softcap_alibi(const AttentionParams& p, cudaStream_t stream);
 cudaError_t flash_fwd_bf16_hd64_softcap_alibi(const AttentionParams& p, cudaStream_t stream);
 cudaError_t flash_fwd_bf16_hd128_softcap_alibi(const AttentionParams& p, cudaStream_t stream);
+cudaError_t flash_fwd_fp16_hd96(const AttentionParams& p, cudaStream_t stream);
+cudaError_t flash_fwd_fp16_hd96_softcap_alibi(const AttentionParams& p, cudaStream_t stream);
+cudaError_t flash_fwd_bf16_hd96(const AttentionParams& p, cudaStream_t stream);
+cudaError_t flash_fwd_bf16_hd96_softcap_alibi(const AttentionParams& p, cudaStream_t stream);
 cudaError_t flash_fwd_fp16_hd256(const AttentionParams& p, cudaStream_t stream);
 cudaError_t flash_fwd_fp16_hd256_softcap_alibi(const AttentionParams& p, cudaStream_t stream);
 cudaError_t flash_fwd_bf16_hd256(const AttentionParams& p, cudaStream_t stream);

@@ -23,11 +23,11 @@ struct FwdTraits {
   static_assert(std::is_same_v<Element, cute::half_t> || std::is_same_v<Element, cute::bfloat16_t>);
 
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim % 64 == 0, "shared-memory rows are built from 64-element (128-byte) atoms");
+  static_assert(kHeadDim % 32 == 0, "shared-memory rows are built from 32- or 64-element atoms");
   // 4 warps, each owning 16-row slices of the query tile. Tile sizes keep a thread's score
   // tile plus output accumulator within the register file:
   //   hd64:  128 rows (2 slices per warp) x 128 keys;
-  //   hd128: 128 rows (2 slices per warp) x 64 keys;
+  //   hd96, hd128: 128 rows (2 slices per warp) x 64 keys;
   //   hd256:  64 rows (1 slice per warp)  x 64 keys (with 128 rows the 256-wide accumulator
   //           alone would take the whole register file).
   static constexpr int kBlockM = kHeadDim <= 128 ? 128 : 64;
@@ -41,12 +41,14 @@ struct FwdTraits {
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
                                   cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
 
-  // Row-major tiles in 8 x 64 atoms; the 16-byte chunks of a 128-byte row are XOR-permuted by
-  // the row index mod 8, so the 8 row addresses of an ldmatrix (and the 16-byte cp.async
-  // stores of 8 threads in a column) fall in distinct banks.
+  // Row-major tiles in 8 x 64 atoms (8 x 32 when the head dim is an odd multiple of 32, e.g.
+  // 96). The 16-byte chunks of an atom row are XOR-permuted by the row index (rows of 128 bytes:
+  // chunk ^= row % 8; of 64 bytes: chunk ^= (row / 2) % 4), so the 8 row addresses of an
+  // ldmatrix (and the 16-byte cp.async stores of 8 threads in a column) fall in distinct banks.
+  static constexpr int kAtomCols = kHeadDim % 64 == 0 ? 64 : 32;
   using SmemAtom = decltype(cute::composition(
-      cute::Swizzle<3, 3, 3>{},
-      cute::Layout<cute::Shape<cute::_8, cute::_64>, cute::Stride<cute::_64, cute::_1>>{}));
+      cute::Swizzle<kAtomCols == 64 ? 3 : 2, 3, 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::Int<kAtomCols>>, cute::Stride<cute::Int<kAtomCols>, cute::_1>>{}));
   using SmemLayoutQ = decltype(cute::tile_to_shape(
       SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
   using SmemLayoutKV = decltype(cute::tile_to_shape(
@@ -64,10 +66,10 @@ struct FwdTraits {
   using SmemCopyVt = cute::Copy_Atom<typename Ops::LdsmT, Element>;
   using SmemCopyO = cute::Copy_Atom<cute::AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
 
-  // Global <-> shared: 16 bytes per thread per access, 8 threads per 64-element row chunk
-  // (one 128-byte segment), so 128 threads move 16 rows x 64 columns per step.
+  // Global <-> shared: 16 bytes per thread per access, one thread per 16-byte chunk of an atom
+  // row, so 128 threads move 16 rows x 64 columns (32 rows x 32 columns) per step.
   static constexpr int kElemsPerAccess = 16 / int(sizeof(Element));
-  static constexpr int kThreadsPerRow = 64 / kElemsPerAccess;
+  static constexpr int kThreadsPerRow = kAtomCols / kElemsPerAccess;
   using GmemThreads = cute::Layout<cute::Shape<cute::Int<kNThreads / kThreadsPerRow>, cute::Int<kThreadsPerRow>>,
                                    cute::Stride<cute::Int<kThreadsPerRow>, cute::_1>>;
   using GmemValues = cute::Layout<cute::Shape<cute::_1, cute::Int<kElemsPerAccess>>>;

@@ -1,0 +1,11 @@
+// Tensor-core attention forward: bf16, head dim 96, plain logits (scale only).
+#include "cuda/attention/flash/fwd_instances.h"
+#include "cuda/attention/flash/fwd_launch.h"
+
+namespace longattn::cuda::flash {
+
+cudaError_t flash_fwd_bf16_hd96(const AttentionParams& p, cudaStream_t stream) {
+  return launch_flash_fwd<DeviceFwdTraits<cute::bfloat16_t, 96>, true>(p, stream);
+}
+
+}  // namespace longattn::cuda::flash
