@@ -98,7 +98,10 @@ def main() -> None:
     rows = [r for r in rows if args.filter in r["name"] and (not args.arch or r["arch"] == args.arch)]
     # One line per (arch, kernel): the same kernel can sit in several translation units.
     seen, uniq = set(), []
-    for r in sorted(rows, key=lambda r: (r["arch"], r["name"])):
+    def natural(name):  # head dims and tile sizes in numeric order
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+    for r in sorted(rows, key=lambda r: (r["arch"], natural(r["name"]))):
         key = (r["arch"], r["name"])
         if key not in seen:
             seen.add(key)
