@@ -135,11 +135,13 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
 
   # ---- other GPU micro-benchmarks ----------------------------------------------------------
   if ! skipped extras; then
-    banner "micro-benchmarks (RoPE, KV cache, ring)"
+    banner "micro-benchmarks (RoPE, KV cache, head dims, ring)"
     local dev=cuda
     [ $DRY = 1 ] && dev=cpu
     extra "RoPE" bench/bench_rope.py --device "$dev" --quick
     extra "KV cache" bench/bench_kvcache.py --device "$dev" --quick
+    extra "head dims 64/96/128/256 (causal, bf16, L 16K)" bench/bench_head_dims.py --device "$dev" \
+      --dtype "$([ $DRY = 0 ] && echo bfloat16 || echo float32)" --L "$([ $DRY = 0 ] && echo 16384 || echo 1024)"
     extra "ring machinery per hop (one device, no communication)" bench/ring_hop_overhead.py --device "$dev" \
       $([ $DRY = 0 ] && echo --single-gpu)
   fi
