@@ -14,39 +14,30 @@ constexpr int smem_of() {
   return std::max(Kt::kSmemDkdv, Kt::kSmemDq);
 }
 
-// The configurations of a head dim, widest tiles first (fp16 and bf16 tiles have the same size).
 enum class BwdConfigId { kNone, kHd64, kHd96, kHd128, kHd128Narrow, kHd256 };
 
-BwdConfigId pick_config(int64_t head_dim, int max_smem_optin) {
-  using namespace flash;
-  using H = cutlass::half_t;
-  const auto fits = [&](int smem) { return smem <= max_smem_optin; };
-  switch (head_dim) {
-    case 64:
-      return fits(smem_of<DeviceBwdTraits<H, 64>>()) ? BwdConfigId::kHd64 : BwdConfigId::kNone;
-    case 96:
-      return fits(smem_of<DeviceBwdTraits<H, 96>>()) ? BwdConfigId::kHd96 : BwdConfigId::kNone;
-    case 128:
-      if (fits(smem_of<DeviceBwdTraits<H, 128>>())) return BwdConfigId::kHd128;
-      return fits(smem_of<DeviceBwdTraits<H, 128, true>>()) ? BwdConfigId::kHd128Narrow : BwdConfigId::kNone;
-    case 256:
-      return fits(smem_of<DeviceBwdTraits<H, 256>>()) ? BwdConfigId::kHd256 : BwdConfigId::kNone;
-    default:
-      return BwdConfigId::kNone;
-  }
-}
+struct BwdConfigInfo {
+  BwdConfigId id;
+  int64_t head_dim;
+  int smem;  // per block, the larger of the dK/dV and dQ kernels'
+};
 
-int config_smem(BwdConfigId c) {
-  using namespace flash;
-  using H = cutlass::half_t;
-  switch (c) {
-    case BwdConfigId::kHd64: return smem_of<DeviceBwdTraits<H, 64>>();
-    case BwdConfigId::kHd96: return smem_of<DeviceBwdTraits<H, 96>>();
-    case BwdConfigId::kHd128: return smem_of<DeviceBwdTraits<H, 128>>();
-    case BwdConfigId::kHd128Narrow: return smem_of<DeviceBwdTraits<H, 128, true>>();
-    case BwdConfigId::kHd256: return smem_of<DeviceBwdTraits<H, 256>>();
-    default: return 0;
+// Every instantiated configuration, widest tiles first within a head dim (fp16 and bf16 tiles
+// have the same size, so half_t stands for both).
+constexpr BwdConfigInfo kBwdConfigs[] = {
+    {BwdConfigId::kHd64, 64, smem_of<flash::DeviceBwdTraits<cutlass::half_t, 64>>()},
+    {BwdConfigId::kHd96, 96, smem_of<flash::DeviceBwdTraits<cutlass::half_t, 96>>()},
+    {BwdConfigId::kHd128, 128, smem_of<flash::DeviceBwdTraits<cutlass::half_t, 128>>()},
+    {BwdConfigId::kHd128Narrow, 128, smem_of<flash::DeviceBwdTraits<cutlass::half_t, 128, true>>()},
+    {BwdConfigId::kHd256, 256, smem_of<flash::DeviceBwdTraits<cutlass::half_t, 256>>()},
+};
+
+// The widest configuration of the head dim that fits max_smem_optin bytes per block.
+BwdConfigInfo pick_config(int64_t head_dim, int max_smem_optin) {
+  for (const BwdConfigInfo& c : kBwdConfigs) {
+    if (c.head_dim == head_dim && c.smem <= max_smem_optin) return c;
   }
+  return {BwdConfigId::kNone, head_dim, 0};
 }
 
 template <typename Elem>
@@ -56,7 +47,7 @@ cudaError_t run_for_dtype(const AttentionParams& p, const AttentionGrads& g, cud
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  switch (pick_config(p.head_dim, max_smem)) {
+  switch (pick_config(p.head_dim, max_smem).id) {
     case BwdConfigId::kHd64: return run_flash_bwd<DeviceBwdTraits<Elem, 64>>(p, g, stream);
     case BwdConfigId::kHd96: return run_flash_bwd<DeviceBwdTraits<Elem, 96>>(p, g, stream);
     case BwdConfigId::kHd128: return run_flash_bwd<DeviceBwdTraits<Elem, 128>>(p, g, stream);
@@ -69,7 +60,7 @@ cudaError_t run_for_dtype(const AttentionParams& p, const AttentionGrads& g, cud
 }  // namespace
 
 size_t flash_backward_smem(int64_t head_dim, int max_smem_optin) {
-  return static_cast<size_t>(config_smem(pick_config(head_dim, max_smem_optin)));
+  return static_cast<size_t>(pick_config(head_dim, max_smem_optin).smem);
 }
 
 size_t flash_backward_workspace(const AttentionParams& p, KernelDtype, bool deterministic) {
