@@ -13,9 +13,13 @@ if(LONGATTN_CCACHE)
   endif()
   find_program(LONGATTN_CCACHE_PROGRAM NAMES ccache HINTS ${_longattn_ccache_hints})
   if(LONGATTN_CCACHE_PROGRAM)
+    # base_dir = the source root: paths under it (sources, include dirs, venvs, carried headers)
+    # enter the hash relative, so clones at other paths (CI's clean clone, a rehearsal) share
+    # the cache instead of recompiling every CUDA file.
     foreach(_lang CXX CUDA)
       if(NOT CMAKE_${_lang}_COMPILER_LAUNCHER)
-        set(CMAKE_${_lang}_COMPILER_LAUNCHER "${LONGATTN_CCACHE_PROGRAM}")
+        set(CMAKE_${_lang}_COMPILER_LAUNCHER
+            "${CMAKE_COMMAND};-E;env;CCACHE_BASEDIR=${CMAKE_SOURCE_DIR};${LONGATTN_CCACHE_PROGRAM}")
       endif()
     endforeach()
     message(STATUS "longattn: compiler launcher ${LONGATTN_CCACHE_PROGRAM}")
