@@ -6,6 +6,9 @@
 #   make cuda-build  compile every CUDA source (no GPU needed): a second venv $(CUDA_VENV) with the
 #                CUDA build of torch, a wheel-style install into it, then an import check
 #   make cuda-resources  registers / stack frame / smem per kernel of that build (cuobjdump)
+#   make gpu-rehearsal  the GPU machine's build and CPU tests without its GPU: a venv like its
+#                image (Python 3.12, torch 2.11.0+cu130, no nvidia-cutlass), bench/gpu_check.sh
+#                --dry-run building for sm_90, then the suite against that module; see below
 #   make cutlass-carry  copy the CUTLASS/CuTe headers the CUDA build reaches into .cutlass/ (ignored),
 #                for a GPU machine without nvidia-cutlass or network: bash bench/gpu_check.sh there
 #   make kvpress-test  tests/test_kvcache_kvpress.py against NVIDIA kvpress, installed --no-deps
@@ -25,7 +28,6 @@ BENCH_ARGS  ?=
 
 VPY   := $(VENV)/bin/python
 PIP   := $(VPY) -m pip --disable-pip-version-check
-STAMP := $(VENV)/.longattn-deps
 
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
@@ -37,7 +39,18 @@ CUDA_TORCH  ?= torch==2.14.1
 CUDA_ARCHS  ?= 80
 CUDA_DEPS   ?= $(CUDA_TORCH) pybind11 cmake ninja nvidia-cutlass numpy
 CUDA_VPY    := $(CUDA_VENV)/bin/python
-CUDA_STAMP  := $(CUDA_VENV)/.longattn-deps
+
+# GPU rehearsal: the lent GPU machine runs its own image's Python 3.12 and torch 2.11.0+cu130
+# (../.library/device/KINDS.md) and gives a session 15 minutes, so its build must not be the first
+# one against that torch or for sm_90. Python 3.12 where one runs (pyenv's too), else $(PYTHON).
+GPU_TORCH ?= torch==2.11.0
+GPU_VENV  ?= .venv-gpu-rehearsal
+GPU_DEPS  ?= $(GPU_TORCH) pybind11 cmake ninja numpy pytest pytest-xdist pytest-timeout expecttest
+ifndef GPU_PYTHON
+GPU_PYTHON := $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+                $(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)) $(PYTHON))
+endif
+GPU_VPY   := $(GPU_VENV)/bin/python
 
 # kvpress comparison. kvpress pins transformers<5.3 and requires datasets, pandas, peft,
 # accelerate, none of which its StreamingLLM/SnapKV/KeyRerotation presses import, so it stays
@@ -52,6 +65,19 @@ KVPRESS_PINNED ?= transformers==5.2.0 huggingface-hub==1.33.0 tokenizers==0.22.2
                   httpcore==1.0.9 certifi
 KVPRESS_TEST   := LONGATTN_REQUIRE_KVPRESS=1 $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
                   tests/test_kvcache_kvpress.py
+
+# $(call venv_install,DIR,PYTHON,PACKAGES): create venv DIR with PYTHON and pip-install PACKAGES,
+# unless its stamp file says they are in already.
+define venv_install
+	@if [ -x "$(1)/bin/python" ] && [ "$$(cat $(1)/.longattn-deps 2>/dev/null)" = "$(3)" ]; then \
+	  echo "venv $(1): up to date"; \
+	else \
+	  set -e; \
+	  [ -x "$(1)/bin/python" ] || $(2) -m venv "$(1)"; \
+	  $(1)/bin/python -m pip install -q --disable-pip-version-check $(3); \
+	  echo "$(3)" > "$(1)/.longattn-deps"; \
+	fi
+endef
 
 # $(call kvpress_install,DIR,PACKAGES): (re)install PACKAGES into DIR unless its stamp matches.
 define kvpress_install
@@ -75,17 +101,11 @@ EMU_K     ?= not test_gradcheck_attention and not test_lengths and not test_gqa 
              not test_options_cross_lengths and not (test_options and (fp16 or fp64))
 
 .PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cuda-resources cutlass-carry \
+        gpu-rehearsal-venv gpu-rehearsal \
         kvpress-test emu-test emu-asan flash-emu-asan
 
 venv:
-	@if [ -x "$(VPY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$(DEPS)" ]; then \
-	  echo "venv $(VENV): up to date"; \
-	else \
-	  set -e; \
-	  [ -x "$(VPY)" ] || $(PYTHON) -m venv "$(VENV)"; \
-	  $(PIP) install -q $(DEPS); \
-	  echo "$(DEPS)" > "$(STAMP)"; \
-	fi
+	$(call venv_install,$(VENV),$(PYTHON),$(DEPS))
 
 build: venv
 	$(PIP) install --no-build-isolation --no-deps $(if $(filter 1,$(V)),-v,) -e .
@@ -101,14 +121,7 @@ bench: venv build
 	$(VPY) bench/compare.py $(BENCH_ARGS)
 
 cuda-venv:
-	@if [ -x "$(CUDA_VPY)" ] && [ -f "$(CUDA_STAMP)" ] && [ "$$(cat $(CUDA_STAMP))" = "$(CUDA_DEPS)" ]; then \
-	  echo "venv $(CUDA_VENV): up to date"; \
-	else \
-	  set -e; \
-	  [ -x "$(CUDA_VPY)" ] || $(PYTHON) -m venv "$(CUDA_VENV)"; \
-	  $(CUDA_VPY) -m pip install -q --disable-pip-version-check $(CUDA_DEPS); \
-	  echo "$(CUDA_DEPS)" > "$(CUDA_STAMP)"; \
-	fi
+	$(call venv_install,$(CUDA_VENV),$(PYTHON),$(CUDA_DEPS))
 
 # Installs into $(CUDA_VENV)'s site-packages (not in place, so the CPU build's .so stays), then
 # imports it from outside the source tree: no GPU is needed to load the module.
@@ -126,6 +139,18 @@ cuda-resources:
 # ~13 MiB of headers (the device tool carries 64 MiB in all): carry [".cutlass"] with the source.
 cutlass-carry: venv
 	$(VPY) bench/cutlass_carry.py
+
+gpu-rehearsal-venv:
+	$(call venv_install,$(GPU_VENV),$(GPU_PYTHON),$(GPU_DEPS))
+
+# The GPU run's own steps (build for sm_90 in place with the carried headers, the CUDA tests
+# collected, the smoke benchmark), then every test against the module it built: an API the older
+# torch lacks, or an sm_90-only build break, shows here rather than in the GPU session.
+gpu-rehearsal: gpu-rehearsal-venv cutlass-carry
+	LONGATTN_CUDA=1 LONGATTN_CUDA_ARCHS=90 GPU_CHECK_BUDGET_S=1800 PYTHON=$(abspath $(GPU_VPY)) \
+	  OUT=$(abspath build/gpu-rehearsal-out) \
+	  bash bench/gpu_check.sh --dry-run
+	PYTHONPATH=$(abspath python) $(GPU_VPY) -m pytest -q -p no:cacheprovider -n $(MAX_JOBS) $(PYTEST_ARGS) tests
 
 emu-test:
 	@mkdir -p $(EMU_BUILD)
@@ -171,4 +196,4 @@ clean:
 	find . \( -path './.venv*' -o -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(CUDA_VENV) $(KVPRESS_DIR)
+	rm -rf $(VENV) $(CUDA_VENV) $(GPU_VENV) $(KVPRESS_DIR)

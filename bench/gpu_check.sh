@@ -8,6 +8,8 @@
 #
 #   bash bench/gpu_check.sh               # on the GPU machine (device tool: carry [".cutlass"])
 #   bash bench/gpu_check.sh --dry-run     # here, no GPU: CPU build, the plumbing, the smoke bench
+#   LONGATTN_CUDA=1 bash bench/gpu_check.sh --dry-run   # the same with the GPU run's CUDA build
+#                                         # (archs: LONGATTN_CUDA_ARCHS, default 90); `make gpu-rehearsal`
 #
 # CUTLASS/CuTe headers, first found: $LONGATTN_CUTLASS_DIR; the carried folder .cutlass (made by
 # `make cutlass-carry` where nvidia-cutlass is installed); the nvidia-cutlass package.
@@ -63,18 +65,22 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
     echo "CUTLASS: carried $LONGATTN_CUTLASS_DIR ($(find .cutlass -type f | wc -l) headers)"
   elif "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)"; then
     echo "CUTLASS: the nvidia-cutlass package"
-  elif [ $DRY = 0 ]; then
+  elif [ $DRY = 0 ] || [ "${LONGATTN_CUDA:-0}" = 1 ]; then
     echo "ERROR: no CUTLASS headers: run 'make cutlass-carry' where nvidia-cutlass is installed and carry .cutlass"
     return 1
   fi
   if [ $DRY = 0 ]; then
     export LONGATTN_CUDA=1
     export LONGATTN_CUDA_ARCHS=${LONGATTN_CUDA_ARCHS:-$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}')")}
+  elif [ "${LONGATTN_CUDA:-0}" = 1 ]; then  # rehearsal: the GPU run's build, its GPU's arch assumed
+    export LONGATTN_CUDA_ARCHS=${LONGATTN_CUDA_ARCHS:-90}
   else
     export LONGATTN_CUDA=0
   fi
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  export LONGATTN_BUILD_DIR=${LONGATTN_BUILD_DIR:-$ROOT/build/gpu-check$([ $DRY = 1 ] && echo -dry)}
+  local suffix=""
+  [ $DRY = 1 ] && suffix=$([ "$LONGATTN_CUDA" = 1 ] && echo -rehearsal || echo -dry)
+  export LONGATTN_BUILD_DIR=${LONGATTN_BUILD_DIR:-$ROOT/build/gpu-check$suffix}
   export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
   export PYTHONUNBUFFERED=1
 
