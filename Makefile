@@ -5,7 +5,8 @@
 #   make bench   venv + build + bench/compare.py
 #   make cuda-build  compile every CUDA source (no GPU needed): a second venv $(CUDA_VENV) with the
 #                CUDA build of torch, a wheel-style install into it, then an import check
-#   make cuda-resources  registers / stack frame / smem per kernel of that build (cuobjdump)
+#   make cuda-resources  registers / stack frame / smem per kernel of that build, and the spill
+#                loads/stores inside the main loop of the kernels that spill (cuobjdump)
 #   make gpu-rehearsal  the GPU machine's build and CPU tests without its GPU: a venv like its
 #                image (Python 3.12, torch 2.11.0+cu130, no nvidia-cutlass), bench/gpu_check.sh
 #                --dry-run building for sm_90, then the suite against that module; see below
@@ -133,6 +134,7 @@ cuda-build: cuda-venv
 
 # Registers / stack frame / static smem of every kernel in the module cuda-build installed
 # (cuobjdump, no GPU needed). A report, not a gate: spills are weighed against measured speed.
+RESOURCES_ARGS ?= --loops
 cuda-resources:
 	cd /tmp && $(abspath $(CUDA_VPY)) $(abspath tools/cuda_resources.py) $(RESOURCES_ARGS)
 

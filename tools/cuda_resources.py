@@ -1,6 +1,6 @@
 """Registers, stack frame and static shared memory of every kernel in a CUDA build of longattn.
 
-    python tools/cuda_resources.py [path/to/_C.so] [--filter flash] [--arch sm_90]
+    python tools/cuda_resources.py [path/to/_C.so] [--filter flash] [--arch sm_90] [--loops]
 
 Reads the fatbinary with `cuobjdump --dump-resource-usage` (the CUDA toolkit's, or the copy
 triton ships in the CUDA venv), so it needs no GPU: `make cuda-resources` runs it on the module
@@ -8,6 +8,13 @@ triton ships in the CUDA venv), so it needs no GPU: `make cuda-resources` runs i
 register spills (ptxas -v gives their exact bytes); 255 registers means the allocator hit the
 per-thread limit. Instantiations differing only in template arguments are listed one per line
 with those arguments shortened, so a spill that appears in one variant stands out.
+
+--loops weighs those spills: for every kernel at the register limit with a stack frame it
+disassembles the machine code (`cuobjdump -sass`) and counts, in the kernel's outermost loop
+(the longest backward branch: the key-tile loop of the flash forward, the query-tile loop of
+the backward), its instructions, tensor-core MMAs and local-memory loads/stores (LDL/STL,
+i.e. spill traffic). Spill code outside that loop runs once per CTA; inside it, once per tile.
+Static counts over the loop body, all its branches together.
 """
 
 from __future__ import annotations
@@ -80,14 +87,65 @@ def parse(dump: str) -> list[dict]:
     return rows
 
 
+def hot_loop_counts(sass: list[str]) -> dict:
+    """Counts in the outermost loop of one kernel's SASS lines (the longest backward branch)."""
+    ins = []  # (address, instruction text)
+    for line in sass:
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best = None
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in index:
+            body = ins[index[int(m.group(1), 16)]:i + 1]
+            if best is None or len(body) > len(best):
+                best = body
+    if best is None:
+        return dict(instrs=0, mma=0, ldl=0, stl=0)
+    ops = [t.split()[1] if t.startswith("@") else t.split()[0] for _, t in best]
+    return dict(instrs=len(ops), mma=sum(o.startswith(("HMMA", "HGMMA")) for o in ops),
+                ldl=sum(o.startswith("LDL") for o in ops), stl=sum(o.startswith("STL") for o in ops))
+
+
+def hot_loops(cuobjdump: str, so: str, wanted: set) -> dict:
+    """(arch, mangled name) -> hot_loop_counts, for the kernels in `wanted` (one disassembly)."""
+    out = subprocess.run([cuobjdump, "-sass", so], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"cuda_resources: cuobjdump -sass failed on {so}:\n{out.stderr}")
+    result, arch, key, lines = {}, "?", None, []
+
+    def flush():
+        if key in wanted and key not in result:
+            result[key] = hot_loop_counts(lines)
+
+    for line in out.stdout.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            flush()
+            key, lines = (arch, m.group(1)), []
+        elif key in wanted:
+            lines.append(line)
+    flush()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", nargs="?", help="the built _C*.so (default: the importable longattn's)")
     ap.add_argument("--filter", default="", help="only kernels whose name contains this")
     ap.add_argument("--arch", default="", help="only this architecture, e.g. sm_90")
+    ap.add_argument("--loops", action="store_true",
+                    help="also count spill loads/stores inside the main loop of each spilling kernel")
     args = ap.parse_args()
     so = args.module or find_module()
-    dump = subprocess.run([find_cuobjdump(), "--dump-resource-usage", so], capture_output=True, text=True)
+    cuobjdump = find_cuobjdump()
+    dump = subprocess.run([cuobjdump, "--dump-resource-usage", so], capture_output=True, text=True)
     if dump.returncode != 0:
         sys.exit(f"cuda_resources: cuobjdump failed on {so}:\n{dump.stderr}")
     rows = parse(dump.stdout)
@@ -114,6 +172,15 @@ def main() -> None:
         print(f"{r['arch']:6} {r['regs']:4d} {r['stack']:5d} {r['smem']:5d}  {r['name'][:width]}{flag}")
     spilling = [r for r in uniq if r["stack"] and r["regs"] >= 255]
     print(f"{len(spilling)} of {len(uniq)} kernels at the 255-register limit with a stack frame")
+    if args.loops and spilling:
+        loops = hot_loops(cuobjdump, so, {(r["arch"], r["mangled"]) for r in spilling})
+        print("\nspill traffic in the main loop (static counts over the loop body, all branches):")
+        print(f"{'arch':6} {'instrs':>6} {'mma':>5} {'LDL':>4} {'STL':>4} {'local%':>6}  kernel")
+        for r in spilling:
+            c = loops.get((r["arch"], r["mangled"]), dict(instrs=0, mma=0, ldl=0, stl=0))
+            share = 100.0 * (c["ldl"] + c["stl"]) / c["instrs"] if c["instrs"] else 0.0
+            print(f"{r['arch']:6} {c['instrs']:6d} {c['mma']:5d} {c['ldl']:4d} {c['stl']:4d} {share:6.1f}  "
+                  f"{r['name'][:width]}")
 
 
 if __name__ == "__main__":
