@@ -91,15 +91,17 @@ endef
 # merge and KV-cache suites run whole; of test_attention / test_backward (about 11 minutes under
 # the emulator on two cores, 8 of them the fp64 gradchecks) EMU_K leaves out the gradchecks,
 # the long sequences, the GQA and cross-length sweeps and the fp16/fp64 option sweeps (fp16 and
-# fp64 still run through test_grads and the head-dim, varlen, masked-row tests). About 3 minutes
+# fp64 still run through test_grads and the head-dim, varlen, masked-row tests), and the fuzz's
+# long cases (hd 256 at L 700 takes minutes emulated; its 60 short random cases run). About 3 minutes
 # on two cores with the emulator's first build (kept in EMU_BUILD); EMU_K= runs everything.
 EMU_BUILD ?= build/simt_emu
 EMU_TESTS ?= tests/test_attention.py tests/test_backward.py tests/test_rope.py \
              tests/test_rope_frequencies.py tests/test_rope_grad.py tests/test_merge.py \
              tests/test_kvcache.py \
-             tests/test_kvcache_policies.py tools/simt_emu/test_emu_cuda_paths.py
+             tests/test_kvcache_policies.py tests/test_fuzz.py tools/simt_emu/test_emu_cuda_paths.py
 EMU_K     ?= not test_gradcheck_attention and not test_lengths and not test_gqa and \
-             not test_options_cross_lengths and not (test_options and (fp16 or fp64))
+             not test_options_cross_lengths and not (test_options and (fp16 or fp64)) and \
+             not test_random_long_case
 
 .PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cuda-resources cutlass-carry \
         gpu-rehearsal-venv gpu-rehearsal \
