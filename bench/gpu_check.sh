@@ -11,6 +11,9 @@
 #   LONGATTN_CUDA=1 bash bench/gpu_check.sh --dry-run   # the same with the GPU run's CUDA build
 #                                         # (archs: LONGATTN_CUDA_ARCHS, default 90); `make gpu-rehearsal`
 #
+# A module built here for the same torch and Python can be carried too (`make gpu-rehearsal` builds
+# python/longattn/_C.cpython-312-x86_64-linux-gnu.so and its .stamp): it skips the build when its
+# stamp matches the sources and settings; a stale, foreign or unloadable one is rebuilt.
 # CUTLASS/CuTe headers, first found: $LONGATTN_CUTLASS_DIR; the carried folder .cutlass (made by
 # `make cutlass-carry` where nvidia-cutlass is installed); the nvidia-cutlass package.
 # Knobs: PYTHON (python3), LONGATTN_CUDA_ARCHS (default: this GPU's, e.g. 90), MAX_JOBS (nproc),
@@ -85,11 +88,23 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
   export PYTHONUNBUFFERED=1
 
   # ---- build ---------------------------------------------------------------------------------
-  if ! skipped build; then
+  # A module carried along with the source (built here by `make gpu-rehearsal`, same torch and
+  # Python) is used as is when its stamp matches these sources, this build's settings and torch,
+  # and it loads; anything else builds. The stamp is written only after a successful build.
+  local so stamp
+  so=python/longattn/_C$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  stamp=$(build_stamp)
+  if ! skipped build && [ -f "$so" ] && [ "$(cat "$so.stamp" 2>/dev/null)" = "$stamp" ] &&
+     "$PY" -c "import longattn" 2>/dev/null; then
+    banner "build: none, the carried $so matches ($stamp)"
+    build_s=prebuilt
+  elif ! skipped build; then
     local cap
     cap=$(max 60 $(($(left) - 200)))
     banner "build: LONGATTN_CUDA=$LONGATTN_CUDA archs ${LONGATTN_CUDA_ARCHS:-none}, MAX_JOBS=$MAX_JOBS,\
  $(find csrc -name '*.cu' | wc -l) .cu + $(find csrc -name '*.cpp' | wc -l) .cpp files, cap ${cap}s"
+    [ -f "$so.stamp" ] && echo "(not using the carried module: stamp '$(cat "$so.stamp")')"
+    rm -f "$so.stamp"
     local t0=$SECONDS
     capped "$cap" "$PY" setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1
     local rc=$?
@@ -100,6 +115,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
       echo "BUILD FAILED (rc $rc$([ $rc = 124 ] || [ $rc = 130 ] && echo ': timed out'), ${build_s}): full log in $OUTDIR/build.log"
       return 1
     fi
+    echo "$stamp" > "$so.stamp"
     echo "build: ${build_s}"
   fi
   "$PY" -c "import longattn; i = longattn.build_info(); print('build_info:', i); assert i.get('cuda') or $DRY, 'built without CUDA'" || return 1
@@ -159,6 +175,16 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
   [ -n "$tests_failed" ] && echo "$tests_failed"
   [ "$bench_note" != skipped ] && [ -f "$OUTDIR/gpu_bench.json" ] && "$PY" bench/gpu_bench.py --report "$OUTDIR/gpu_bench.json"
   return $status
+}
+
+# What a build depends on: the sources (hash of csrc/, cmake/, CMakeLists.txt, setup.py), the
+# CUDA switch and architectures, and torch's version (the Python ABI is in the module's name).
+build_stamp() {
+  local src
+  src=$(find csrc cmake CMakeLists.txt setup.py -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum |
+        sha256sum | cut -c1-16)
+  echo "sources $src cuda $LONGATTN_CUDA archs ${LONGATTN_CUDA_ARCHS:-none}" \
+       "torch $("$PY" -c 'import torch; print(torch.__version__)')"
 }
 
 # extra LABEL SCRIPT ARGS...: run a micro-benchmark if its script has a --device option, with
