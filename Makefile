@@ -196,7 +196,7 @@ info:
 	@$(VPY) -c "import torch, longattn._C as C; print(C.build_info()); print(torch.__config__.parallel_info())"
 
 clean:
-	rm -rf build python/longattn/_C*.so python/*.egg-info *.egg-info
+	rm -rf build python/longattn/_C*.so python/longattn/_C*.so.stamp python/*.egg-info *.egg-info
 	find . \( -path './.venv*' -o -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
