@@ -76,9 +76,10 @@ def check_case(seed, shape, kw, dtype, device, tol, scaled=False):
     out, lse = longattn.attention(q, k, v, return_lse=True, **kw)
     ref_out, ref_lse = R.attention_ref(q, k, v, **kw)
 
-    def close(a, b, atol, msg):
+    def close(a, b, atol, what):
         scale = max(1.0, b.abs().max().item()) if scaled and b.numel() else 1.0
-        torch.testing.assert_close(a.double(), b.double(), atol=atol * scale, rtol=0, msg=msg)
+        torch.testing.assert_close(a.double(), b.double(), atol=atol * scale, rtol=0,
+                                   msg=lambda detail: f"{what}: {detail}")
 
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite, torch.isfinite(lse)), "fully-masked rows differ"
