@@ -47,10 +47,10 @@ CUDA_VPY    := $(CUDA_VENV)/bin/python
 GPU_TORCH ?= torch==2.11.0
 GPU_VENV  ?= .venv-gpu-rehearsal
 GPU_DEPS  ?= $(GPU_TORCH) pybind11 cmake ninja numpy pytest pytest-xdist pytest-timeout expecttest
-ifndef GPU_PYTHON
-GPU_PYTHON := $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+# Recursive (?=): the interpreters are probed only when the rehearsal's venv is made, not on
+# every make call.
+GPU_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
                 $(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)) $(PYTHON))
-endif
 GPU_VPY   := $(GPU_VENV)/bin/python
 
 # kvpress comparison. kvpress pins transformers<5.3 and requires datasets, pandas, peft,
