@@ -1,5 +1,7 @@
 # longattn developer entry points.
-#   make venv    create/refresh $(VENV) (idempotent; a stamp file skips pip when nothing changed)
+#   make venv    create/refresh $(VENV) from requirements/main.txt (idempotent: a stamp of the lock
+#                file skips pip when nothing changed; a changed lock recreates the venv)
+#   make lock    regenerate the pinned requirements/*.txt from requirements/*.in (then commit them)
 #   make build   editable install (pip install --no-build-isolation -e .), incremental CMake in build/
 #   make test    venv + build + pytest
 #   make bench   venv + build + bench/compare.py
@@ -12,18 +14,19 @@
 #                --dry-run building for sm_90, then the suite against that module; see below
 #   make cutlass-carry  copy the CUTLASS/CuTe headers the CUDA build reaches into .cutlass/ (ignored),
 #                for a GPU machine without nvidia-cutlass or network: bash bench/gpu_check.sh there
-#   make kvpress-test  tests/test_kvcache_kvpress.py against NVIDIA kvpress, installed --no-deps
-#                into side directories under $(KVPRESS_DIR) (not the venv); see below
+#   make kvpress-test  tests/test_kvcache_kvpress.py against NVIDIA kvpress: with the venv's
+#                transformers, and in its own pinned venv $(KVPRESS_VENV); see below
 #   make emu-test  the CUDA kernels on the CPU (tools/simt_emu) under a subset of the suite; needs
 #                the built extension (make build), like `check`; see below
 #   make clean   remove build outputs (keeps the venv); make distclean also removes the venv
-# Overridable: PYTHON, VENV, TORCH (e.g. TORCH=torch==2.14.1), PYTEST_ARGS, BENCH_ARGS,
+# Overridable: PYTHON, VENV, LOCK, LOCK_NAMES (make lock NAMES), PYTEST_ARGS, BENCH_ARGS,
 # MAX_JOBS, V=1 (verbose build), and the LONGATTN_* knobs read by setup.py.
 
-PYTHON      ?= python3
+# Every venv installs a committed, fully pinned set (requirements/NAME.txt, made from NAME.in by
+# `make lock`) with --no-deps, so a clean machine installs what CI installed when it was locked.
+PYTHON      ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV        ?= .venv
-TORCH       ?= torch==2.13.0
-DEPS        ?= $(TORCH) pybind11 cmake ninja nvidia-cutlass pytest pytest-benchmark pytest-timeout expecttest numpy tqdm matplotlib transformers
+LOCK        ?= requirements/main.txt
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
@@ -36,54 +39,46 @@ export MAX_JOBS
 # CUDA compile check: torch 2.14.1 is the CUDA 13.0 build; one architecture keeps CI short
 # (the full default set is LONGATTN_CUDA_ARCHS=80;90).
 CUDA_VENV   ?= .venv-cuda
-CUDA_TORCH  ?= torch==2.14.1
+CUDA_LOCK   ?= requirements/cuda.txt
 CUDA_ARCHS  ?= 80
-CUDA_DEPS   ?= $(CUDA_TORCH) pybind11 cmake ninja nvidia-cutlass numpy
 CUDA_VPY    := $(CUDA_VENV)/bin/python
 
 # GPU rehearsal: the lent GPU machine runs its own image's Python 3.12 and torch 2.11.0+cu130
 # (../.library/device/KINDS.md) and gives a session 15 minutes, so its build must not be the first
 # one against that torch or for sm_90. Python 3.12 where one runs (pyenv's too), else $(PYTHON).
-GPU_TORCH ?= torch==2.11.0
 GPU_VENV  ?= .venv-gpu-rehearsal
-GPU_DEPS  ?= $(GPU_TORCH) pybind11 cmake ninja numpy pytest pytest-xdist pytest-timeout expecttest
+GPU_LOCK  ?= requirements/gpu-rehearsal.txt
 # Recursive (?=): the interpreters are probed only when the rehearsal's venv is made, not on
 # every make call.
 GPU_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
                 $(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)) $(PYTHON))
 GPU_VPY   := $(GPU_VENV)/bin/python
 
-# kvpress comparison. kvpress pins transformers<5.3 and requires datasets, pandas, peft,
-# accelerate, none of which its StreamingLLM/SnapKV/KeyRerotation presses import, so it stays
-# out of DEPS (`make check` skips the file). Two side directories on PYTHONPATH:
-#   lite   kvpress alone, with the venv's transformers: the test's harness calls the presses'
-#          compress from its own hook (kvpress's hook reads kwargs transformers 5.3 renamed);
-#   pinned kvpress plus the transformers it supports and that transformers' own pins
-#          (huggingface-hub 1.x, tokenizers<=0.23.0, httpx): kvpress's own hooks run.
+# kvpress comparison, run twice:
+#   lite   kvpress alone (--no-deps, a side directory on PYTHONPATH) with the development venv's
+#          transformers: the test's harness calls the presses' compress from its own hook
+#          (kvpress's hook reads kwargs newer transformers renamed);
+#   pinned its own venv $(KVPRESS_VENV) from requirements/kvpress.txt (kvpress with the
+#          transformers it supports and everything that imports), the module built in python/
+#          on PYTHONPATH: kvpress's own hooks run, and nothing in $(VENV) can reach it.
 KVPRESS_DIR    ?= .kvpress
-KVPRESS        ?= kvpress==0.5.5
-KVPRESS_PINNED ?= transformers==5.2.0 huggingface-hub==1.33.0 tokenizers==0.22.2 httpx==0.28.1 \
-                  httpcore==1.0.9 certifi
-KVPRESS_TEST   := LONGATTN_REQUIRE_KVPRESS=1 $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
+KVPRESS_VENV   ?= .venv-kvpress
+KVPRESS_LOCK   ?= requirements/kvpress.txt
+KVPRESS         = $(shell grep -i '^kvpress==' $(KVPRESS_LOCK))
+KVPRESS_TEST   := -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
                   tests/test_kvcache_kvpress.py
 
-# $(call venv_install,DIR,PYTHON,PACKAGES): create venv DIR with PYTHON and pip-install PACKAGES,
-# unless its stamp file says they are in already.
+# $(call venv_install,DIR,PYTHON,LOCKFILE): make venv DIR with PYTHON holding exactly the pins of
+# LOCKFILE (--no-deps: nothing outside it), unless its stamp (a copy of the lock) says so already.
+# A changed lock recreates the venv, so no package of an older lock stays behind.
 define venv_install
-	@if [ -x "$(1)/bin/python" ] && [ "$$(cat $(1)/.longattn-deps 2>/dev/null)" = "$(3)" ]; then \
-	  echo "venv $(1): up to date"; \
+	@if [ -x "$(1)/bin/python" ] && cmp -s "$(3)" "$(1)/.longattn-lock"; then \
+	  echo "venv $(1): up to date with $(3)"; \
 	else \
-	  set -e; \
-	  [ -x "$(1)/bin/python" ] || $(2) -m venv "$(1)"; \
-	  $(1)/bin/python -m pip install -q --disable-pip-version-check $(3); \
-	  echo "$(3)" > "$(1)/.longattn-deps"; \
+	  set -e; rm -rf "$(1)"; $(2) -m venv "$(1)"; \
+	  $(1)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r "$(3)"; \
+	  cp "$(3)" "$(1)/.longattn-lock"; \
 	fi
-endef
-
-# $(call kvpress_install,DIR,PACKAGES): (re)install PACKAGES into DIR unless its stamp matches.
-define kvpress_install
-	@if [ "$$(cat $(1)/.stamp 2>/dev/null)" = "$(2)" ]; then echo "$(1): up to date"; else \
-	  set -e; rm -rf $(1); $(PIP) install -q --no-deps --target $(1) $(2); echo "$(2)" > $(1)/.stamp; fi
 endef
 
 # emu-test: the SIMT attention, rope, merge and KV-cache CUDA kernels, with their launchers and
@@ -103,12 +98,12 @@ EMU_K     ?= not test_gradcheck_attention and not test_lengths and not test_gqa 
              not test_options_cross_lengths and not (test_options and (fp16 or fp64)) and \
              not test_random_long_case
 
-.PHONY: venv build check test bench info clean distclean cuda-venv cuda-build cuda-resources cutlass-carry \
+.PHONY: venv lock build check test bench info clean distclean cuda-venv cuda-build cuda-resources cutlass-carry \
         gpu-rehearsal-venv gpu-rehearsal \
         kvpress-test emu-test emu-asan flash-emu-asan
 
 venv:
-	$(call venv_install,$(VENV),$(PYTHON),$(DEPS))
+	$(call venv_install,$(VENV),$(PYTHON),$(LOCK))
 
 build: venv
 	$(PIP) install --no-build-isolation --no-deps $(if $(filter 1,$(V)),-v,) -e .
@@ -124,7 +119,7 @@ bench: venv build
 	$(VPY) bench/compare.py $(BENCH_ARGS)
 
 cuda-venv:
-	$(call venv_install,$(CUDA_VENV),$(PYTHON),$(CUDA_DEPS))
+	$(call venv_install,$(CUDA_VENV),$(PYTHON),$(CUDA_LOCK))
 
 # Installs into $(CUDA_VENV)'s site-packages (not in place, so the CPU build's .so stays), then
 # imports it from outside the source tree: no GPU is needed to load the module.
@@ -145,7 +140,7 @@ cutlass-carry: venv
 	$(VPY) bench/cutlass_carry.py
 
 gpu-rehearsal-venv:
-	$(call venv_install,$(GPU_VENV),$(GPU_PYTHON),$(GPU_DEPS))
+	$(call venv_install,$(GPU_VENV),$(GPU_PYTHON),$(GPU_LOCK))
 
 # The GPU run's own steps (build for sm_90 in place with the carried headers, the CUDA tests
 # collected, the smoke benchmark), then every test against the module it built: an API the older
@@ -187,10 +182,15 @@ flash-emu-asan:
 	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys $(PYTEST_ARGS) tests/test_flash_emu.py
 
 kvpress-test: build
-	$(call kvpress_install,$(KVPRESS_DIR)/lite,$(KVPRESS))
-	$(call kvpress_install,$(KVPRESS_DIR)/pinned,$(KVPRESS) $(KVPRESS_PINNED))
-	PYTHONPATH=$(abspath $(KVPRESS_DIR)/lite) $(KVPRESS_TEST)
-	PYTHONPATH=$(abspath $(KVPRESS_DIR)/pinned) $(KVPRESS_TEST)
+	$(call venv_install,$(KVPRESS_VENV),$(PYTHON),$(KVPRESS_LOCK))
+	@if [ "$$(cat $(KVPRESS_DIR)/lite/.stamp 2>/dev/null)" = "$(KVPRESS)" ]; then echo "$(KVPRESS_DIR)/lite: up to date"; \
+	else set -e; rm -rf $(KVPRESS_DIR)/lite; $(PIP) install -q --no-deps --target $(KVPRESS_DIR)/lite $(KVPRESS); \
+	  echo "$(KVPRESS)" > $(KVPRESS_DIR)/lite/.stamp; fi
+	LONGATTN_REQUIRE_KVPRESS=1 PYTHONPATH=$(abspath $(KVPRESS_DIR)/lite) $(VPY) $(KVPRESS_TEST)
+	LONGATTN_REQUIRE_KVPRESS=1 PYTHONPATH=$(abspath python) $(KVPRESS_VENV)/bin/python $(KVPRESS_TEST)
+
+lock:
+	$(PYTHON) tools/lock_requirements.py $(LOCK_NAMES)
 
 info:
 	@$(VPY) -c "import torch, longattn._C as C; print(C.build_info()); print(torch.__config__.parallel_info())"
@@ -200,4 +200,4 @@ clean:
 	find . \( -path './.venv*' -o -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(CUDA_VENV) $(GPU_VENV) $(KVPRESS_DIR)
+	rm -rf $(VENV) $(CUDA_VENV) $(GPU_VENV) $(KVPRESS_VENV) $(KVPRESS_DIR)

@@ -27,8 +27,11 @@ Non-finite values: ``out`` must never contain NaN, and the positions where ``ref
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 
+import pytest
 import torch
 
 _FLOORS = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -284,3 +287,22 @@ __all__ = [
     "assert_matches_cpu",
     "math",
 ]
+
+
+#: optional_import's arguments for transformers (the tests comparing with its formulas).
+TRANSFORMERS = ("LONGATTN_REQUIRE_TRANSFORMERS", "it is in requirements/main.txt (make venv)")
+
+
+def optional_import(name: str, require_env: str, hint: str):
+    """Import an optional dependency of some tests, or skip them with the reason.
+
+    Any failure to import counts, not only a missing package: a package that is installed but
+    breaks at import (a dependency at a version it does not support) skips too. Where
+    ``require_env`` is set to 1 (CI) the failure is raised instead, so a broken environment
+    cannot pass as a skip."""
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - see above
+        if os.environ.get(require_env) == "1":
+            raise
+        pytest.skip(f"{name} unavailable ({type(e).__name__}: {e}); {hint}", allow_module_level=True)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from helpers import TRANSFORMERS, optional_import
 from rope_helpers import DEVICES, assert_close_rule
 
 import longattn
@@ -180,7 +181,7 @@ def test_equals_hf_eager_formula(dtype):
 
 
 def test_equals_transformers_apply_rotary_pos_emb():
-    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    llama = optional_import("transformers.models.llama.modeling_llama", *TRANSFORMERS)
     B, L, H, D = 1, 40, 4, 32
     q, k = torch.randn(B, H, L, D), torch.randn(B, 2, L, D)
     pos = torch.arange(L)[None] + 7

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rope_helpers  # noqa: F401  (puts python/ on the path when needed)
+from helpers import TRANSFORMERS, optional_import
 
 from longattn.rope import ROPE_TYPES, frequencies, frequencies_from_config
 
@@ -144,7 +145,7 @@ def _hf_config(transformers, scaling, kw):
 
 @pytest.mark.parametrize("name,scaling,kw", CASES, ids=[c[0] for c in CASES])
 def test_same_numbers_as_transformers(name, scaling, kw):
-    transformers = pytest.importorskip("transformers")
+    transformers = optional_import("transformers", *TRANSFORMERS)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -163,7 +164,7 @@ def test_same_numbers_as_transformers(name, scaling, kw):
 
 
 def test_every_transformers_type_is_covered():
-    pytest.importorskip("transformers")
+    optional_import("transformers", *TRANSFORMERS)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     covered = {c[1].get("rope_type", c[1].get("type")) for c in CASES}
