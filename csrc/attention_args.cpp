@@ -49,6 +49,15 @@ int64_t max_len(const at::Tensor& cu) {
   return m;
 }
 
+// max_seqlen_q/k are upper bounds of the longest sequence, as FlashAttention's varlen
+// arguments; None derives them. The dense form has them in its shapes, so its callers pass None
+// and no size has to become a Python int (a constant under torch.compile).
+void check_seqlen_bound(const std::optional<int64_t>& bound, int64_t longest, const char* name,
+                        const char* which) {
+  TORCH_CHECK_VALUE(!bound || *bound >= longest, name, " = ", bound.value_or(0),
+                    " is smaller than the longest ", which, " sequence (", longest, ")");
+}
+
 void check_per_head(const std::optional<at::Tensor>& t, const char* name, int64_t heads,
                     const at::Tensor& q, bool allow_fp64) {
   if (!t.has_value()) return;
@@ -132,13 +141,8 @@ AttentionParams make_attention_params(const AttentionArgs& a) {
     TORCH_CHECK_VALUE(p.batch >= 0, "cu_seqlens_q must have at least one element");
     check_cu_seqlens(*a.cu_seqlens_q, "cu_seqlens_q", q.size(0), p.batch, q);
     check_cu_seqlens(*a.cu_seqlens_k, "cu_seqlens_k", a.k.size(0), p.batch, q);
-    const int64_t mq = max_len(*a.cu_seqlens_q), mk = max_len(*a.cu_seqlens_k);
-    TORCH_CHECK_VALUE(a.max_seqlen_q >= mq, "max_seqlen_q = ", a.max_seqlen_q,
-                      " is smaller than the longest q sequence (", mq, ")");
-    TORCH_CHECK_VALUE(a.max_seqlen_k >= mk, "max_seqlen_k = ", a.max_seqlen_k,
-                      " is smaller than the longest k sequence (", mk, ")");
-    p.seqlen_q = mq;
-    p.seqlen_k = mk;
+    p.seqlen_q = max_len(*a.cu_seqlens_q);
+    p.seqlen_k = max_len(*a.cu_seqlens_k);
     p.total_q = q.size(0);
     p.cu_seqlens_q = a.cu_seqlens_q->data_ptr<int32_t>();
     p.cu_seqlens_k = a.cu_seqlens_k->data_ptr<int32_t>();
@@ -165,6 +169,8 @@ AttentionParams make_attention_params(const AttentionArgs& a) {
     p.v_row_stride = a.v.stride(1);
     p.v_head_stride = a.v.stride(2);
   }
+  check_seqlen_bound(a.max_seqlen_q, p.seqlen_q, "max_seqlen_q", "q");
+  check_seqlen_bound(a.max_seqlen_k, p.seqlen_k, "max_seqlen_k", "k");
   p.q = q.data_ptr();
   p.k = a.k.data_ptr();
   p.v = a.v.data_ptr();

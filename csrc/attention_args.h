@@ -23,7 +23,9 @@ struct AttentionArgs {
   bool causal;
   int64_t window_left, window_right, sinks;
   std::optional<int64_t> q_start;
-  int64_t k_start, max_seqlen_q, max_seqlen_k;
+  int64_t k_start;
+  // Upper bounds of the longest q / k sequence (None: derived; see make_attention_params).
+  std::optional<int64_t> max_seqlen_q, max_seqlen_k;
 };
 
 // The C++ signatures of the attention and attention_backward ops (schemas in ops.cpp), which
@@ -40,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> attention_op(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
     double scale, double softcap, double logn_base, bool causal, int64_t window_left,
     int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, Extra... extra) {
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k, Extra... extra) {
   return Impl(AttentionArgs{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits, scale,
                             softcap, logn_base, causal, window_left, window_right, sinks, q_start,
                             k_start, max_seqlen_q, max_seqlen_k},
@@ -55,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
     double scale, double softcap, double logn_base, bool causal, int64_t window_left,
     int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, Extra... extra) {
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k, Extra... extra) {
   return Impl(AttentionArgs{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits, scale,
                             softcap, logn_base, causal, window_left, window_right, sinks, q_start,
                             k_start, max_seqlen_q, max_seqlen_k},

@@ -14,14 +14,14 @@ TORCH_LIBRARY(longattn, m) {
       "attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? alibi_slopes, Tensor? sink_logits, float scale, float softcap, float logn_base, "
       "bool causal, int window_left, int window_right, int sinks, int? q_start, int k_start, "
-      "int max_seqlen_q, int max_seqlen_k) -> (Tensor out, Tensor lse)");
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k) -> (Tensor out, Tensor lse)");
   // Gradients of attention given dout and (optionally) dlse; dsink is empty without sink_logits.
   m.def(
       "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, "
       "Tensor? sink_logits, float scale, float softcap, float logn_base, bool causal, "
       "int window_left, int window_right, int sinks, int? q_start, int k_start, "
-      "int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
   // Log-sum-exp merge of partial attentions over disjoint key sets (fp32 accumulation).
   m.def("merge_attention(Tensor[] outs, Tensor[] lses) -> (Tensor out, Tensor lse)");
   m.def(

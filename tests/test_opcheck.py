@@ -36,16 +36,18 @@ def _win(w):
 
 def attention_args(q, k, v, *, cu_q=None, cu_k=None, alibi=None, sink=None, scale=None, softcap=0.0,
                    logn_base=0.0, causal=False, window=(None, None), sinks=0, q_start=None,
-                   k_start=0, max_q=None, max_k=None):
+                   k_start=0, max_q="longest", max_k="longest"):
+    """The op's arguments; max_q/max_k "longest" gives the longest varlen sequence (None, the
+    default of the dense form and a valid choice for varlen, lets the op derive it)."""
     D = q.shape[-1]
     if scale is None:
         scale = D ** -0.5
-    if max_q is None:
-        max_q = q.shape[1] if cu_q is None else int((cu_q[1:] - cu_q[:-1]).max())
-    if max_k is None:
-        max_k = k.shape[1] if cu_k is None else int((cu_k[1:] - cu_k[:-1]).max())
+    if max_q == "longest":
+        max_q = None if cu_q is None else int((cu_q[1:] - cu_q[:-1]).max())
+    if max_k == "longest":
+        max_k = None if cu_k is None else int((cu_k[1:] - cu_k[:-1]).max())
     return (q, k, v, cu_q, cu_k, alibi, sink, float(scale), float(softcap), float(logn_base), bool(causal),
-            _win(window[0]), _win(window[1]), int(sinks), q_start, int(k_start), int(max_q), int(max_k))
+            _win(window[0]), _win(window[1]), int(sinks), q_start, int(k_start), max_q, max_k)
 
 
 def _dense(B, Lq, Lk, Hq, Hkv, D, dtype, device, rg):
@@ -75,10 +77,16 @@ def attention_cases(device):
     zv = torch.randn(4, device=device, requires_grad=True)
     cases["varlen_gqa_sink"] = attention_args(qv, kv, vv, cu_q=cu_seqlens(lq, device), cu_k=cu_seqlens(lk, device),
                                               sink=zv, causal=True, window=(3, 0))
+    cases["varlen_derived_max"] = attention_args(qv, kv, vv, cu_q=cu_seqlens(lq, device),
+                                                 cu_k=cu_seqlens(lk, device), causal=True,
+                                                 max_q=None, max_k=None)
+    q, k, v = _dense(2, 10, 14, 2, 2, 8, torch.float32, device, True)
+    cases["dense_max_bound"] = attention_args(q, k, v, causal=True, max_q=12, max_k=14)
     return cases
 
 
-ATT_IDS = ["plain", "causal_rg", "gqa_sink_window", "bf16_positions", "fp64_strided", "varlen_gqa_sink"]
+ATT_IDS = ["plain", "causal_rg", "gqa_sink_window", "bf16_positions", "fp64_strided", "varlen_gqa_sink",
+           "varlen_derived_max", "dense_max_bound"]
 
 
 @pytest.mark.parametrize("case", ATT_IDS)
@@ -173,7 +181,9 @@ OPS_ELSEWHERE = {"rope": "tests/test_rope.py", "rope_": "tests/test_rope.py",
                  "rope_backward": "tests/test_rope_grad.py",
                  "ring_attention": "below", "ring_attention_backward": "below",
                  "decode_attention": "tests/test_kvcache.py", "compact_": "tests/test_kvcache.py",
-                 "compact_rerotate_": "tests/test_kvcache.py"}
+                 "compact_rerotate_": "tests/test_kvcache.py",
+                 "composite": "tests/test_compile_dynamic.py",
+                 "composite_backward": "tests/test_compile_dynamic.py"}
 OPS.extend(OPS_ELSEWHERE)
 
 

@@ -103,7 +103,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             ``q_start = k_start + seqlen_k - seqlen_q``: bottom-right aligned (the last query at
             the last key's position), per sequence in varlen.
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` cumulative lengths (varlen form).
-        max_seqlen_q, max_seqlen_k: longest sequence in varlen form (computed if omitted).
+        max_seqlen_q, max_seqlen_k: upper bounds of the longest sequence in varlen form;
+            derived from ``cu_seqlens`` when omitted (on a GPU that reads them on the host).
         dilation: NATTEN-style dilation ``r``: additionally require ``(p - s) % r == 0``. Runs
             one call per residue class on strided views (no copies of q/k/v).
         return_lse: also return the log-sum-exp ``(batch, heads_q, seqlen_q)`` (varlen:
@@ -125,14 +126,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                                  f"{getattr(cu, 'dtype', type(cu).__name__)}")
             if cu.device != q.device:
                 raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-        if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) \
-                if cu_seqlens_q.numel() > 1 else 0
-        if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) \
-                if cu_seqlens_k.numel() > 1 else 0
     else:
-        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+        # The shapes carry them; passing sizes as ints would make them constants under
+        # torch.compile (one graph per sequence length).
+        max_seqlen_q = max_seqlen_k = None
     head_dim = q.shape[-1]
     if not 1 <= head_dim <= 256:
         raise ValueError(f"head_dim (last dim of q) must be in [1, 256], got {head_dim}")
@@ -164,7 +161,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         out, lse = ops.attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits, float(scale),
             float(softcap), float(logn_base or 0.0), bool(causal), left, right, int(sinks),
-            q_start, int(k_start), int(max_seqlen_q), int(max_seqlen_k))
+            q_start, int(k_start), max_seqlen_q, max_seqlen_k)
     return (out, lse) if return_lse else out
 
 

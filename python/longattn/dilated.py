@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from . import _opaque
 from ._ops import _lse_dtype
 from .attention import attention, merge_attention
 
@@ -130,9 +131,26 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if (not isinstance(seg, (tuple, list)) or len(seg) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in seg)):
             raise ValueError(f"each segment must be a (w, r) pair of ints >= 1, got {seg!r}")
+    if torch.compiler.is_compiling():
+        # One opaque op (longattn/_opaque.py): traced, this Python would branch on the length
+        # (full segments, the last segment's size, the reshapes' size-0/1 cases), one graph each.
+        out, lse = _opaque.call("dilated", [q, k, v], segments=segments, causal=bool(causal),
+                                scale=scale)
+    else:
+        out, lse = _dilated([q, k, v], segments, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def _dilated_fake(tensors, segments, causal, scale):
+    q = tensors[0]
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                                             dtype=_lse_dtype(q))
+
+
+@_opaque.register("dilated", _dilated_fake)
+def _dilated(tensors, segments, causal, scale):
+    q, k, v = tensors
     results = [_one_config(q, k, v, w, r, causal, scale) for w, r in segments]
     if len(results) == 1:
-        out, lse = results[0]
-    else:
-        out, lse = merge_attention([o for o, _ in results], [l for _, l in results])
-    return (out, lse) if return_lse else out
+        return results[0]
+    return merge_attention([o for o, _ in results], [l for _, l in results])

@@ -26,7 +26,9 @@ from typing import Optional
 
 import torch
 
+from . import _opaque
 from ._extend_layout import first_keys_attention, make_layout
+from ._ops import _lse_dtype
 from .attention import attention, merge_attention
 from .rope import apply_rope
 
@@ -43,6 +45,14 @@ def _positive_int(x, what, name):
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:
         raise ValueError(f"{name}: {what} must be an int >= 1, got {x!r}")
     return x
+
+
+def _varlen_as_one_op(method, q, k, v, inv_freq, cu_q, cu_k, return_lse, options):
+    """The varlen form under torch.compile: one opaque op (longattn/_opaque.py), since the
+    composition reads the sequence table on the host."""
+    out, lse = _opaque.call("extend_varlen", [q, k, v, inv_freq, cu_q, cu_k], method=method,
+                            **options)
+    return (out, lse) if return_lse else out
 
 
 def _merge(parts, return_lse):
@@ -70,6 +80,13 @@ def self_extend_attention(q, k, v, inv_freq, *, group_size: int, window: int,
     ``group_size=1`` is plain causal RoPE attention. Returns ``out`` (and ``lse``).
     """
     name = "self_extend_attention"
+    if cu_seqlens_q is not None and torch.compiler.is_compiling():
+        return _varlen_as_one_op("self_extend", q, k, v, inv_freq, cu_seqlens_q, cu_seqlens_k,
+                                 return_lse, dict(
+                                     group_size=group_size, window=window,
+                                     attention_scaling=attention_scaling, rotary_dim=rotary_dim,
+                                     interleaved=interleaved, scale=scale, q_start=q_start,
+                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
     _check_freq(inv_freq, name)
     G = _positive_int(group_size, "group_size", name)
     W = _positive_int(window, "window", name)
@@ -100,6 +117,13 @@ def rerope_attention(q, k, v, inv_freq, *, window: int, leak: Optional[float] = 
     theta / k is taken in float64 so no fp32 rounding of the frequency enters the angle.
     """
     name = "rerope_attention"
+    if cu_seqlens_q is not None and torch.compiler.is_compiling():
+        return _varlen_as_one_op("rerope", q, k, v, inv_freq, cu_seqlens_q, cu_seqlens_k,
+                                 return_lse, dict(
+                                     window=window, leak=leak, attention_scaling=attention_scaling,
+                                     rotary_dim=rotary_dim, interleaved=interleaved, scale=scale,
+                                     q_start=q_start, max_seqlen_q=max_seqlen_q,
+                                     max_seqlen_k=max_seqlen_k))
     _check_freq(inv_freq, name)
     W = _positive_int(window, "window", name)
     if leak is not None and not (isinstance(leak, (int, float)) and not isinstance(leak, bool) and leak >= 1):
@@ -137,6 +161,14 @@ def lm_infinite_attention(q, k, v, inv_freq, *, local_window: int, global_tokens
     (Glaciohound/LM-Infinite's "stationary" branch). Other keys are invisible.
     """
     name = "lm_infinite_attention"
+    if cu_seqlens_q is not None and torch.compiler.is_compiling():
+        return _varlen_as_one_op("lm_infinite", q, k, v, inv_freq, cu_seqlens_q, cu_seqlens_k,
+                                 return_lse, dict(
+                                     local_window=local_window, global_tokens=global_tokens,
+                                     max_distance=max_distance,
+                                     attention_scaling=attention_scaling, rotary_dim=rotary_dim,
+                                     interleaved=interleaved, scale=scale, q_start=q_start,
+                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
     _check_freq(inv_freq, name)
     W = _positive_int(local_window, "local_window", name)
     if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
@@ -160,3 +192,19 @@ def lm_infinite_attention(q, k, v, inv_freq, *, local_window: int, global_tokens
         if far is not None:
             parts.append(far)
     return _merge(parts, return_lse)
+
+
+_METHODS = {"self_extend": self_extend_attention, "rerope": rerope_attention,
+            "lm_infinite": lm_infinite_attention}
+
+
+def _extend_varlen_fake(tensors, method, **options):
+    q = tensors[0]
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+
+
+@_opaque.register("extend_varlen", _extend_varlen_fake)
+def _extend_varlen(tensors, method, **options):
+    q, k, v, inv_freq, cu_q, cu_k = tensors
+    return _METHODS[method](q, k, v, inv_freq, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                            return_lse=True, **options)

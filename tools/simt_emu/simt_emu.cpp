@@ -154,13 +154,13 @@ TORCH_LIBRARY(longattn_emu, m) {
       "attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? alibi_slopes, Tensor? sink_logits, float scale, float softcap, float logn_base, "
       "bool causal, int window_left, int window_right, int sinks, int? q_start, int k_start, "
-      "int max_seqlen_q, int max_seqlen_k, int smem_limit, int seed) -> (Tensor out, Tensor lse)");
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k, int smem_limit, int seed) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, "
       "Tensor? sink_logits, float scale, float softcap, float logn_base, bool causal, "
       "int window_left, int window_right, int sinks, int? q_start, int k_start, "
-      "int max_seqlen_q, int max_seqlen_k, int smem_limit, int seed) "
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k, int smem_limit, int seed) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
   m.def("plan(int head_dim, int elem_bytes, int smem_limit) -> int[]", &plan);
   m.def("configure(int smem_limit, int seed) -> ()", &configure);

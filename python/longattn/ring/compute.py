@@ -25,13 +25,13 @@ class Kernel:
     def fwd(self, q, k, v, c: Call):
         return ops.attention(q, k, v, None, None, self.alibi, None, self.scale, self.softcap,
                              self.logn_base, self.causal, c.left, c.right, c.sinks, c.q_start,
-                             c.k_start, q.shape[1], k.shape[1])
+                             c.k_start, None, None)
 
     def bwd(self, dout, dlse, q, k, v, out, lse, c: Call):
         return ops.attention_backward(dout, dlse, q, k, v, out, lse, None, None, self.alibi,
                                       None, self.scale, self.softcap, self.logn_base, self.causal,
                                       c.left, c.right, c.sinks, c.q_start, c.k_start,
-                                      q.shape[1], k.shape[1])
+                                      None, None)
 
 
 def acc_dtype(q: torch.Tensor) -> torch.dtype:
