@@ -96,6 +96,13 @@ struct MaskParams {
     }
   }
 
+  // Whether query row i sees any key of [0, Lk) (the fully-masked-row test; exact for one row).
+  LONGATTN_HD bool row_sees_keys(int64_t i, int64_t Lk) const {
+    Range sink, band;
+    key_ranges(i, i + 1, Lk, &sink, &band);
+    return !sink.empty() || !band.empty();
+  }
+
   // Query-index range (i) whose rows may see any key of [j0, j1), clipped to [0, Lq).
   // The sink part reaches to the end of the sequence and, under causal, starts at or before
   // the band part, so the union is one interval.

@@ -2,11 +2,13 @@
 // Shared by the CPU and CUDA merge kernels (merge_attention, and merge_attention_, the running
 // form ring attention accumulates its hops with).
 // An lse of -inf (a partial that saw no key) gets weight 0; if every partial is -inf the
-// merged row is out = 0, lse = -inf. No NaN either way.
+// merged row is out = 0, lse = -inf, never NaN. A NaN lse makes the merged row NaN
+// (common/softmax_row.h's rule), as the dense log-sum-exp would.
 #pragma once
 #include <cmath>
 
 #include "common/host_device.h"
+#include "common/softmax_row.h"
 
 namespace longattn {
 
@@ -14,7 +16,7 @@ namespace longattn {
 template <typename A>
 LONGATTN_HD A merge_weights(const A* lse, int n, A* weights) {
   A mx = -INFINITY;
-  for (int i = 0; i < n; ++i) mx = lse[i] > mx ? lse[i] : mx;
+  for (int i = 0; i < n; ++i) mx = max_nan(mx, lse[i]);
   if (mx == -INFINITY) {
     for (int i = 0; i < n; ++i) weights[i] = 0;
     return mx;

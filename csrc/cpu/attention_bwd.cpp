@@ -27,6 +27,7 @@ template <typename T>
 struct BwdScratch {
   using A = acc_t<T>;
   std::vector<A> s, dp, g, q, dout, k, v, kt, vt, dk, dv;
+  NonfiniteRows<A> q_rows, k_rows;  // in partial tiles (tile.h)
   BwdScratch(const CpuTiles& t, int64_t D, bool softcap)
       : s(t.q * t.k), dp(t.q * t.k), g(softcap ? t.q * t.k : 0), q(t.q * D), dout(t.q * D),
         k(t.k * D), v(t.k * D), kt(t.k * D), vt(t.k * D), dk(t.k * D), dv(t.k * D) {}
@@ -146,6 +147,12 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
     std::fill(dK, dK + nk * D, A(0));
     std::fill(dV, dV + nk * D, A(0));
     const Range rows = mask.query_range(j0, j0 + nk, si.q_len);
+    // dQ += dS K and dK += dS^T Q in partial tiles pair masked entries (dS = 0) with K and Q
+    // rows: with a non-finite one, they use the clean copies (tile.h, NonfiniteRows). A row of
+    // Q that is not finite has a NaN lse, so dS (and dK) is NaN wherever it is seen; a row of
+    // K can be seen with P = 0 (a -inf logit), where the dense formula's dQ has 0 * inf = NaN:
+    // those dQ rows are set to NaN.
+    const bool k_bad = w.k_rows.scan(K, ldk, nk, D);
 
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       const float slope = sp.has_alibi ? p.alibi_slopes[h] : 0.f;
@@ -162,6 +169,7 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
                                   p.q_row_stride, nq, D, w.q.data(), &ldq);
         const A* dO = load_rows<T>(static_cast<const T*>(g.dout) + ooff + i0 * ldo, ldo, nq, D,
                                    w.dout.data(), &lddo);
+        const bool q_bad = kind == TileKind::kPartial && w.q_rows.scan(Q, ldq, nq, D);
 
         // Rows [r0, r1) against key columns [c0, c1) of the block.
         auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool masked) {
@@ -186,6 +194,8 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
             }
             if (masked) mask_row<A>(x, n, mask, pos, sf);
             exp_sum<A>(x, n, mul, l);
+            // A NaN lse (a NaN row) makes exp(-inf - lse) NaN too: masked pairs stay 0.
+            if (masked && l != l) mask_row<A>(x, n, mask, pos, sf, A(0));
           }
           // dP = dO V^T; dV += P^T dO.
           gemm<A>(mr, n, D, dO + r0 * lddo, lddo, 1, Vt + c0, nk, false, dPb, ldS);
@@ -202,10 +212,23 @@ void backward_item(const AttentionParams& p, const BackwardBuffers& g, const Cpu
             } else {
               for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - dr) * rs;
             }
+            // dP of a masked pair reads a value row the query cannot see: P = 0 times a
+            // non-finite dP would be NaN. Masked pairs get dS = 0 outright.
+            if (masked) mask_row<A>(ds, n, mask, p0 + r, sf, A(0));
           }
-          gemm<A>(n, D, mr, dPb, 1, ldS, Q + r0 * ldq, ldq, true, dK + c0 * D, D);
-          gemm<A>(mr, D, n, dPb, ldS, 1, K + c0 * ldk, ldk, true,
-                  dq_base + ooff + (i0 + r0) * ldo, ldo);
+          const bool clean_q = masked && q_bad, clean_k = masked && k_bad;
+          const A* Qm = clean_q ? w.q_rows.clean.data() : Q;
+          const A* Km = clean_k ? w.k_rows.clean.data() : K;
+          const int64_t ldqm = clean_q ? D : ldq, ldkm = clean_k ? D : ldk;
+          A* dq_rows = dq_base + ooff + (i0 + r0) * ldo;
+          gemm<A>(n, D, mr, dPb, 1, ldS, Qm + r0 * ldqm, ldqm, true, dK + c0 * D, D);
+          gemm<A>(mr, D, n, dPb, ldS, 1, Km + c0 * ldkm, ldkm, true, dq_rows, ldo);
+          if (clean_k) {
+            for (int64_t r = r0; r < r1; ++r) {
+              if (w.k_rows.row_sees_bad(mask, p0 + r, s0, c0, c1))
+                std::fill(dq_rows + (r - r0) * ldo, dq_rows + (r - r0) * ldo + D, A(NAN));
+            }
+          }
         };
         for_each_row_group(mask, kind, i0, nq, j0, nk, si.k_len, block);
       }

@@ -39,33 +39,28 @@ CpuTiles choose_tiles(const AttentionParams& p) {
 
 namespace {
 
+// Normalizes the accumulated row o (D values, running max m, sum l) in place and returns its
+// lse, by the shared row rules (common/softmax_row.h): a learned sink logit joins the
+// denominator and carries no value; a row that saw nothing gets o = 0, lse = -inf.
+template <typename A>
+A finish_row(A m, A l, A* o, int64_t D, bool has_sink, A sink_logit, bool sees_keys) {
+  const RowFinish<A> f = finish_softmax_row<A>(m, l, has_sink, sink_logit, sees_keys);
+  if (f.out_scale == A(0)) {
+    std::fill(o, o + D, A(0));  // not o * 0: a NaN in o must not survive a zero weight
+  } else {
+    scale_row<A>(o, D, f.out_scale);
+  }
+  return f.lse;
+}
+
 template <typename T>
 struct FwdScratch {
   using A = acc_t<T>;
   std::vector<A> s, o, q, k, kt, v, m, l;
+  NonfiniteRows<A> nonfinite;  // the V tile's, in partial tiles
   FwdScratch(const CpuTiles& t, int64_t D)
       : s(t.q * t.k), o(t.q * D), q(t.q * D), k(t.k * D), kt(t.k * D), v(t.k * D), m(t.q), l(t.q) {}
 };
-
-// Normalizes the accumulated row o (D values, running max m, sum l) in place and returns its
-// lse. A learned sink logit joins the denominator and carries no value. A row that saw
-// nothing (and has no sink logit) gets o = 0, lse = -inf.
-template <typename A>
-A finish_row(A m, A l, A* o, int64_t D, bool has_sink, A sink_logit) {
-  if (has_sink) {
-    const A m_new = std::max(m, sink_logit);
-    const A alpha = m == neg_inf<A>() ? A(0) : std::exp(m - m_new);
-    l = l * alpha + std::exp(sink_logit - m_new);
-    if (alpha != A(1)) scale_row<A>(o, D, alpha);
-    m = m_new;
-  }
-  if (l == A(0) || m == neg_inf<A>()) {
-    std::fill(o, o + D, A(0));
-    return neg_inf<A>();
-  }
-  scale_row<A>(o, D, A(1) / l);
-  return m + std::log(l);
-}
 
 // Key tiles [tile_begin, tile_end) of one work item (sequence, q head, query tile), counted
 // over its visible ranges in order (cpu/key_split.h). Without a partial the item is whole and
@@ -117,6 +112,13 @@ void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
       const A* K = load_rows<T>(kp + j0 * p.k_row_stride, p.k_row_stride, nk, D, w.k.data(), &ldk);
       transpose<A>(K, ldk, nk, D, w.kt.data(), nk);
       const A* V = load_rows<T>(vp + j0 * p.v_row_stride, p.v_row_stride, nk, D, w.v.data(), &ldv);
+      // A partial tile's P V product pairs masked (query, key) entries, P = 0, with V rows:
+      // a non-finite one there would reach rows that cannot see the key (tile.h, NonfiniteRows).
+      const bool v_bad = kind == TileKind::kPartial && w.nonfinite.scan(V, ldv, nk, D);
+      if (v_bad) {
+        V = w.nonfinite.clean.data();
+        ldv = D;
+      }
 
       // Rows [r0, r1) against tile columns [c0, c1): S = Q K^T, online softmax, O += P V.
       auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool masked) {
@@ -133,7 +135,11 @@ void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
           }
           if (masked) mask_row<A>(x, n, mask, pos, sf);
           const A mx = row_max<A>(x, n) * mul;
-          const A m_new = std::max(m[r], mx);
+          const A m_new = max_nan(m[r], mx);
+          // A row that sees a non-finite value (zeroed in the clean V) is NaN; its lse is not.
+          if (v_bad && w.nonfinite.row_sees_bad(mask, pos, s0, c0, c1)) {
+            std::fill(O + r * D, O + (r + 1) * D, A(NAN));
+          }
           if (m_new == neg_inf<A>()) {  // nothing visible yet: contribute zeros
             std::fill(x, x + n, A(0));
             continue;
@@ -152,9 +158,11 @@ void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
   }
 
   if (part_out != nullptr) {
+    // A chunk is one part of its rows' keys: the sink logit and the fully-masked-row test wait
+    // for the merge (merge_chunks).
     for (int64_t r = 0; r < nq; ++r) {
       A* o = O + r * D;
-      part_lse[r] = finish_row<A>(m[r], l[r], o, D, false, A(0));
+      part_lse[r] = finish_row<A>(m[r], l[r], o, D, false, A(0), false);
       std::copy(o, o + D, part_out + r * D);
     }
     return;
@@ -164,13 +172,15 @@ void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
   const A sink_logit = sp.has_sink_logit ? static_cast<A>(p.sink_logit(h)) : neg_inf<A>();
   for (int64_t r = 0; r < nq; ++r) {
     A* o = O + r * D;
-    lse[r] = finish_row<A>(m[r], l[r], o, D, sp.has_sink_logit, sink_logit);
+    const bool sees = m[r] == neg_inf<A>() && mask.row_sees_keys(i0 + r, si.k_len);
+    lse[r] = finish_row<A>(m[r], l[r], o, D, sp.has_sink_logit, sink_logit, sees);
     store_row<T>(o, out + r * p.heads_q * D, D);
   }
 }
 
-// The chunks of one split item, merged per row in chunk order (common/merge.h): the sink
-// logit joins as one more partial whose value is 0, so it counts once.
+// The chunks of one split item, merged per row in chunk order (common/merge.h), then finished
+// by the row rules (the sink logit, the fully-masked-row test) as an unsplit row is: the
+// merged row is its own softmax with max lse and sum 1.
 template <typename T>
 void merge_chunks(const AttentionParams& p, const CpuTiles& tiles, const WorkItem& it,
                   const SplitItem& sp_item, const acc_t<T>* part_out, const acc_t<T>* part_lse,
@@ -180,7 +190,8 @@ void merge_chunks(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
   const SeqInfo si = seq_info(p, it.b);
   const int64_t i0 = it.tile * tiles.q, nq = std::min(tiles.q, si.q_len - i0);
   const bool has_sink = p.score.has_sink_logit;
-  const int n = static_cast<int>(chunks + (has_sink ? 1 : 0));
+  const A sink_logit = has_sink ? static_cast<A>(p.sink_logit(it.h)) : A(0);
+  const int n = static_cast<int>(chunks);
   buf.resize(2 * n + D);
   A* lses = buf.data();
   A* weights = lses + n;
@@ -190,14 +201,15 @@ void merge_chunks(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
   A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, it.b, it.h) + i0;
   for (int64_t r = 0; r < nq; ++r) {
     for (int64_t c = 0; c < chunks; ++c) lses[c] = part_lse[(sp_item.first_slot + c) * tiles.q + r];
-    if (has_sink) lses[chunks] = static_cast<A>(p.sink_logit(it.h));
-    lse[r] = merge_weights<A>(lses, n, weights);
+    const A merged = merge_weights<A>(lses, n, weights);
     std::fill(acc, acc + D, A(0));
     for (int64_t c = 0; c < chunks; ++c) {
       if (weights[c] == A(0)) continue;  // a chunk that saw nothing, or underflow
       const A* o = part_out + ((sp_item.first_slot + c) * tiles.q + r) * D;
       for (int64_t d = 0; d < D; ++d) acc[d] += weights[c] * o[d];
     }
+    const bool sees = merged == neg_inf<A>() && si.mask.row_sees_keys(i0 + r, si.k_len);
+    lse[r] = finish_row<A>(merged, A(1), acc, D, has_sink, sink_logit, sees);
     store_row<T>(acc, out + r * p.heads_q * D, D);
   }
 }

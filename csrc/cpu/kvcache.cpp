@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -26,6 +27,7 @@
 #include <ATen/cpu/vec/functional.h>
 
 #include "common/kvcache_math.h"
+#include "common/merge.h"
 #include "cpu/parallel.h"
 #include "cpu/rope_rows.h"
 #include "cpu/vec_math.h"
@@ -96,8 +98,10 @@ template <typename T>
 struct DecodeScratch {
   using C = acc_t<T>;
   std::vector<C> qf, kf, vf, s, acc, m, l;
+  std::vector<uint8_t> vis;  // per (row, key) of the chunk: visible by the mask
   DecodeScratch(int64_t R, int64_t D, int64_t Dv)
-      : qf(R * D), kf(D), vf(Dv), s(R * kv::kDecodeChunk), acc(R * Dv), m(R), l(R) {}
+      : qf(R * D), kf(D), vf(Dv), s(R * kv::kDecodeChunk), acc(R * Dv), m(R), l(R),
+        vis(R * kv::kDecodeChunk) {}
 };
 
 // Logits of the item's rows against keys [j0, j1), masked to -inf. Returns per-row maxima.
@@ -121,6 +125,7 @@ void item_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t j0, int64_t 
       const bool has_q = a.qpos != nullptr;
       const int64_t qp = has_q ? a.qpos[b * a.qps[0] + (r % a.n) * a.qps[1]] : 0;
       const bool vis = !has_q || kv::decode_visible(j, kpos, true, qp, a.window, a.sinks);
+      w.vis[r * kv::kDecodeChunk + (j - j0)] = vis;
       w.s[r * kv::kDecodeChunk + (j - j0)] =
           vis ? dot<C>(w.qf.data() + r * D, kr, D) * scale : -std::numeric_limits<C>::infinity();
     }
@@ -137,6 +142,7 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
   const int64_t heads = a.B * a.Hkv, items = heads * nch;
   const C ninf = -std::numeric_limits<C>::infinity();
   std::vector<C> part_out(items * R * a.Dv), part_lse(items * R, ninf), full_lse(heads * R);
+  std::vector<uint8_t> part_seen(items * R, 0);  // the chunk has a key the row sees
   // With a score buffer, phase 1 keeps its logits for phase 3 (B * Hq * n * max_len values).
   std::unique_ptr<C[]> logits(a.scores != nullptr ? new C[items * R * CH] : nullptr);
   auto length_of = [&](int64_t bh) { return read_int(a.lengths, bh); };
@@ -155,11 +161,12 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
         if (logits) std::copy(w.s.begin(), w.s.begin() + R * CH, logits.get() + it * R * CH);
         for (int64_t r = 0; r < R; ++r) {
           C* s = w.s.data() + r * CH;
-          C m = ninf;
-          for (int64_t j = 0; j < j1 - j0; ++j) m = std::max(m, s[j]);
+          const C m = row_max<C>(s, j1 - j0);  // NaN if a logit is (docs/semantics.md)
           const C l = m != ninf ? exp_sum<C>(s, j1 - j0, C(1), m) : C(0);
           w.m[r] = m;
           w.l[r] = l;
+          const uint8_t* vr = w.vis.data() + r * CH;
+          part_seen[it * R + r] = std::any_of(vr, vr + (j1 - j0), [](uint8_t x) { return x != 0; });
         }
         std::fill(w.acc.begin(), w.acc.end(), C(0));
         const T* vb = static_cast<const T*>(a.v) + b * a.vs[0] + h * a.vs[1];
@@ -168,7 +175,9 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
           for (int64_t r = 0; r < R; ++r) {
             if (w.m[r] == ninf) continue;
             const C p = w.s[r * CH + (j - j0)];
-            if (p == C(0)) continue;
+            // Masked keys add nothing (not 0 * v: a non-finite value reaches only the rows
+            // that see it); a visible one adds p * v even when p underflowed, as the dense sum.
+            if (p == C(0) && !w.vis[r * CH + (j - j0)]) continue;
             C* accr = w.acc.data() + r * a.Dv;
 #pragma omp simd
             for (int64_t d = 0; d < a.Dv; ++d) accr[d] += p * vr[d];
@@ -182,39 +191,36 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
         }
       });
 
-  // Phase 2: merge the chunks of every row in chunk order.
+  // Phase 2: merge the chunks of every row in chunk order (common/merge.h), then finish the row
+  // by the shared rules (common/softmax_row.h; decode has no sink logit).
   T* o = out.data_ptr<T>();
   parallel_for(heads * R, 64, [&](int64_t begin, int64_t end) {
-    std::vector<C> acc(a.Dv);
+    std::vector<C> acc(a.Dv), lses(nch), weights(nch);
     for (int64_t x = begin; x < end; ++x) {
       const int64_t bh = x / R, r = x % R, b = bh / a.Hkv, h = bh % a.Hkv;
       const int64_t g = r / a.n, i = r % a.n;
-      C mx = ninf;
-      for (int64_t c = 0; c < nch; ++c) mx = std::max(mx, part_lse[(bh * nch + c) * R + r]);
-      std::fill(acc.begin(), acc.end(), C(0));
-      C final_lse = ninf;
-      if (mx != ninf) {
-        C sum = 0;
-        for (int64_t c = 0; c < nch; ++c) {
-          const C lc = part_lse[(bh * nch + c) * R + r];
-          if (lc != ninf) sum += static_cast<C>(std::exp(lc - mx));
-        }
-        const C inv = C(1) / sum;
-        for (int64_t c = 0; c < nch; ++c) {
-          const C wgt = kv::merge_weight<C>(part_lse[(bh * nch + c) * R + r], mx, inv);
-          if (wgt == C(0)) continue;
-          const C* po = part_out.data() + ((bh * nch + c) * R + r) * a.Dv;
-          for (int64_t d = 0; d < a.Dv; ++d) acc[d] += wgt * po[d];
-        }
-        final_lse = mx + static_cast<C>(std::log(sum));
+      bool seen = false;
+      for (int64_t c = 0; c < nch; ++c) {
+        lses[c] = part_lse[(bh * nch + c) * R + r];
+        seen = seen || part_seen[(bh * nch + c) * R + r];
       }
-      full_lse[x] = final_lse;
+      const C merged = merge_weights<C>(lses.data(), static_cast<int>(nch), weights.data());
+      std::fill(acc.begin(), acc.end(), C(0));
+      for (int64_t c = 0; c < nch; ++c) {
+        if (weights[c] == C(0)) continue;  // a chunk that saw nothing, or underflow
+        const C* po = part_out.data() + ((bh * nch + c) * R + r) * a.Dv;
+        for (int64_t d = 0; d < a.Dv; ++d) acc[d] += weights[c] * po[d];
+      }
+      const RowFinish<C> f = finish_softmax_row<C>(merged, C(1), false, C(0), seen);
+      full_lse[x] = f.lse;
       const int64_t row = ((b * a.Hq) + h * a.G + g) * a.n + i;
-      for (int64_t d = 0; d < a.Dv; ++d) o[row * a.Dv + d] = static_cast<T>(acc[d]);
+      for (int64_t d = 0; d < a.Dv; ++d) {
+        o[row * a.Dv + d] = static_cast<T>(f.out_scale == C(0) ? C(0) : acc[d] * f.out_scale);
+      }
       if (lse.scalar_type() == at::kDouble) {
-        lse.data_ptr<double>()[row] = static_cast<double>(final_lse);
+        lse.data_ptr<double>()[row] = static_cast<double>(f.lse);
       } else {
-        lse.data_ptr<float>()[row] = static_cast<float>(final_lse);
+        lse.data_ptr<float>()[row] = static_cast<float>(f.lse);
       }
     }
   });
@@ -236,6 +242,9 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
           if (lr == ninf) continue;
           std::copy(ls + r * CH, ls + r * CH + nj, tmp.begin());
           exp_sum<C>(tmp.data(), nj, C(1), lr);
+          if (lr != lr) {  // a NaN row: NaN mass for the keys it sees, none for masked ones
+            for (int64_t j = 0; j < nj; ++j) tmp[j] = ls[r * CH + j] == ninf ? C(0) : tmp[j];
+          }
           for (int64_t j = 0; j < nj; ++j) total[j] += tmp[j];
         }
         float* sc = a.scores + b * a.ss[0] + h * a.ss[1];

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "common/attention_params.h"
 #include "cpu/vec_math.h"
@@ -70,10 +71,12 @@ inline void transform_row(A* x, int64_t n, const RowCtx& r, const ScoreParams& s
   }
 }
 
-// Set the masked keys of one row of a partial tile to -inf. Returns false when no key of
-// the row is visible in this tile.
+// Set the masked keys of one row of a partial tile to `fill` (-inf for logits; 0 for the
+// backward's P and dS, where a product with a non-finite operand must not reach a pair the
+// mask excludes). Returns false when no key of the row is visible in this tile.
 template <typename A>
-inline bool mask_row(A* x, int64_t n, const MaskParams& m, int64_t p, int64_t s_first) {
+inline bool mask_row(A* x, int64_t n, const MaskParams& m, int64_t p, int64_t s_first,
+                     A fill = neg_inf<A>()) {
   Range sink, band;
   m.row_ranges(p, &sink, &band);
   const Range cols{0, n};
@@ -82,16 +85,49 @@ inline bool mask_row(A* x, int64_t n, const MaskParams& m, int64_t p, int64_t s_
   if (a.empty()) a = Range{0, 0};
   if (b.empty()) b = Range{a.hi, a.hi};
   if (a.empty() && b.empty()) {
-    std::fill(x, x + n, neg_inf<A>());
+    std::fill(x, x + n, fill);
     return false;
   }
   if (a.empty()) a = Range{b.lo, b.lo};
   // a precedes b (sinks come first and the ranges are disjoint).
-  std::fill(x, x + a.lo, neg_inf<A>());
-  std::fill(x + a.hi, x + b.lo, neg_inf<A>());
-  std::fill(x + b.hi, x + n, neg_inf<A>());
+  std::fill(x, x + a.lo, fill);
+  std::fill(x + a.hi, x + b.lo, fill);
+  std::fill(x + b.hi, x + n, fill);
   return true;
 }
+
+// The rows of a tile (K, V or Q) that hold a NaN or an infinity, and the tile with them zeroed.
+// A partial tile's GEMMs pair masked (query, key) entries, whose P or dS is 0, with rows of the
+// other operand, and 0 * inf = NaN would reach a row the mask keeps apart from it. Such a tile
+// computes with the clean copy, and the results that do see a non-finite row are made NaN
+// explicitly: the row rule of docs/semantics.md, not the exact inf/NaN pattern per element.
+template <typename A>
+struct NonfiniteRows {
+  std::vector<A> clean;      // the tile with non-finite rows zeroed (row stride D)
+  std::vector<uint8_t> bad;  // per row of the tile
+
+  // Fills clean/bad from rows [0, rows) of x and returns true when one is not finite.
+  bool scan(const A* x, int64_t ld, int64_t rows, int64_t D) {
+    if (!any_nonfinite<A>(x, ld, rows, D)) return false;
+    clean.assign(rows * D, A(0));
+    bad.assign(rows, 0);
+    for (int64_t j = 0; j < rows; ++j) {
+      bad[j] = any_nonfinite<A>(x + j * ld, ld, 1, D);
+      if (!bad[j]) std::copy(x + j * ld, x + j * ld + D, clean.data() + j * D);
+    }
+    return true;
+  }
+
+  // For key tiles: whether query position pos sees a non-finite key among tile columns
+  // [c0, c1) (keys at positions s_first + c).
+  bool row_sees_bad(const MaskParams& mask, int64_t pos, int64_t s_first, int64_t c0,
+                    int64_t c1) const {
+    for (int64_t c = c0; c < c1; ++c) {
+      if (bad[c] && mask.visible(pos, s_first + c)) return true;
+    }
+    return false;
+  }
+};
 
 // Visit the work of one score tile: query rows [0, nq) of a query tile starting at row i0,
 // keys [j0, j0 + nk). A full tile is one block; a partial tile (a window edge, the causal

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "common/scores.h"
+#include "common/softmax_row.h"
 
 namespace longattn::cpu {
 
@@ -20,6 +21,7 @@ inline T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// The row's max; NaN when any entry is NaN (at::vec::maximum propagates it, max_nan too).
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
   T m = neg_inf<T>();
@@ -30,11 +32,23 @@ inline T row_max(const T* x, int64_t n) {
       for (; j + fVec::size() <= n; j += fVec::size()) vm = at::vec::maximum(vm, fVec::loadu(x + j));
       float tmp[fVec::size()];
       vm.store(tmp);
-      for (int t = 0; t < fVec::size(); ++t) m = std::max(m, tmp[t]);
+      for (int t = 0; t < fVec::size(); ++t) m = max_nan(m, tmp[t]);
     }
   }
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (; j < n; ++j) m = max_nan(m, x[j]);
   return m;
+}
+
+// Whether any of rows x[0..rows) (row stride ld, D values each) holds a NaN or an infinity.
+template <typename T>
+inline bool any_nonfinite(const T* x, int64_t ld, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * ld;
+    T acc = 0;  // x * 0 is NaN exactly for NaN and +-inf
+    for (int64_t d = 0; d < D; ++d) acc += row[d] * T(0);
+    if (acc != acc) return true;
+  }
+  return false;
 }
 
 // x[j] = exp(x[j] * mul - sub); returns the sum. x[j] = -inf gives 0.

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/softmax_row.h"
+
 namespace longattn::cuda {
 
 #ifndef LONGATTN_SIMT_EMULATION
@@ -85,11 +87,8 @@ __device__ __forceinline__ A warp_sum(A x) {
 
 template <typename A>
 __device__ __forceinline__ A warp_max(A x) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const A other = __shfl_xor_sync(0xffffffffu, x, o);
-    x = other > x ? other : x;
-  }
-  return x;
+  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;  // NaN if a lane's was: a row's maximum keeps NaN (common/softmax_row.h)
 }
 
 }  // namespace longattn::cuda

@@ -139,6 +139,35 @@ def _logn_factor(p: torch.Tensor, logn_base: Optional[float]) -> torch.Tensor:
     return torch.where(pf < 1, torch.ones_like(f), f)
 
 
+def _visible_dots(qh: torch.Tensor, kh: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """``qh @ kh^T`` with masked pairs 0 and outside autograd's reach: the matmul's backward
+    would multiply a masked pair's zero gradient by a non-finite row of the other operand. Used
+    when q or k holds a NaN or an infinity (memory ``Lq * Lk * D``: tests only)."""
+    pair = vis.expand(qh.shape[:-2] + (qh.shape[-2], kh.shape[-2]))[..., None]
+    zero = torch.zeros((), dtype=qh.dtype, device=qh.device)
+    qb = torch.where(pair, qh[..., :, None, :], zero)
+    kb = torch.where(pair, kh[..., None, :, :], zero)
+    return (qb * kb).sum(-1)
+
+
+def _visible_matmul(probs: torch.Tensor, vh: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """``probs @ vh`` over the visible pairs only (docs/semantics.md, non-finite inputs): a
+    masked pair contributes nothing, not ``0 * v``, so a NaN or infinity in a value row reaches
+    exactly the rows that see it (and a NaN row's probabilities reach only its visible keys)."""
+    probs = torch.where(vis, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    finite = torch.isfinite(vh)
+    if bool(finite.all()):
+        return torch.matmul(probs, vh)
+    out = torch.matmul(probs, torch.where(finite, vh, torch.zeros_like(vh)))
+    # The non-finite entries, visible pairs only: (B, H, Lq, J, D) over the J keys holding one.
+    keys = (~finite).flatten(0, 1).any(0).any(-1).nonzero()[:, 0]
+    vb, pb = vh[..., keys, :], probs[..., keys]
+    seen = vis.expand(probs.shape)[..., keys]
+    bad = (~torch.isfinite(vb))[:, :, None] & seen[..., None]
+    terms = torch.where(bad, pb[..., None] * vb[:, :, None], torch.zeros((), dtype=vh.dtype, device=vh.device))
+    return out + terms.sum(-2)
+
+
 def _attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -179,7 +208,11 @@ def _attend(
     s = _positions(Lk, k_start, dev)
 
     # 1. x = scale * f(p) * <q_p, k_s>
-    x = torch.matmul(qh, kh.transpose(-1, -2))  # (B, Hq, Lq, Lk)
+    vis = vis.to(dev)
+    if bool(torch.isfinite(qh).all()) and bool(torch.isfinite(kh).all()):
+        x = torch.matmul(qh, kh.transpose(-1, -2))  # (B, Hq, Lq, Lk)
+    else:
+        x = _visible_dots(qh, kh, vis)
     if logn_base:
         fac = (_logn_factor(p, logn_base) * float(scale)).to(dt)
         x = x * fac[:, None]
@@ -194,7 +227,6 @@ def _attend(
         # No gradient flows to the slopes (docs/semantics.md: a fixed bias).
         x = x - alibi_slopes.detach().to(device=dev, dtype=dt)[None, :, None, None] * dist
     # 4. mask
-    vis = vis.to(dev)
     x = x.masked_fill(~vis, float("-inf"))
     row_any = vis.any(dim=-1).expand(B, Hq, Lq) if Lk > 0 else torch.zeros(
         B, Hq, Lq, dtype=torch.bool, device=dev
@@ -214,7 +246,7 @@ def _attend(
         lse = torch.logsumexp(x, dim=-1)
         probs = torch.softmax(x, dim=-1)
     probs = probs[..., :Lk]
-    out = torch.matmul(probs, vh)  # (B, Hq, Lq, D)
+    out = _visible_matmul(probs, vh, vis)  # (B, Hq, Lq, D)
     out = torch.where(row_any[..., None], out, torch.zeros((), dtype=dt, device=dev))
     lse = torch.where(row_any, lse, torch.full((), float("-inf"), dtype=dt, device=dev))
     out_dtype = q.dtype if out_dtype is None else out_dtype
@@ -347,7 +379,9 @@ def merge_attention_ref(
     lse = torch.logsumexp(Ls, dim=0)  # (*, H, L)
     w = torch.exp(Ls - lse[None])  # (N, *, H, L)
     w = w.transpose(-1, -2)[..., None].to(O.dtype)  # (N, *, L, H, 1)
-    out = (w * O).sum(dim=0)
+    # A partial with lse = -inf saw no key: it adds nothing (not 0 * out), NaN out included.
+    dead = torch.isneginf(L).transpose(-1, -2)[..., None]
+    out = torch.where(dead, torch.zeros((), dtype=O.dtype, device=O.device), w * O).sum(dim=0)
     empty_o = empty.transpose(-1, -2)[..., None]
     out = torch.where(empty_o, torch.zeros((), dtype=out.dtype, device=out.device), out)
     lse = torch.where(empty, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device), lse)
@@ -418,8 +452,8 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, *, positions=None, q_posi
         vis = vis & ok
     s = s.masked_fill(~vis, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0).masked_fill(~vis, 0.0)
-    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    p = torch.exp(s - lse[..., None]).masked_fill(~vis, 0.0)
+    out = _visible_matmul(p, v, vis)
     lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out.to(q.dtype), lse.to(lse_dt), p
 

@@ -150,11 +150,13 @@ __global__ void __launch_bounds__(kThreads) decode_chunk_kernel(const DecodePara
     if (warp < rows) {
       A* row = probs + warp * kProbStride;
       A m = ninf;
-      for (int jj = lane; jj < nj; jj += 32) m = row[jj] > m ? row[jj] : m;
+      for (int jj = lane; jj < nj; jj += 32) m = max_nan(m, row[jj]);
       m = warp_max(m);
       A l = A(0);
       for (int jj = lane; jj < nj; jj += 32) {
-        const A e = m == ninf ? A(0) : acc_exp(row[jj] - m);
+        // Keys with a -inf logit (masked) get -0.0, which P.V skips: 0 * v would carry a
+        // non-finite value to rows that do not see it (docs/semantics.md).
+        const A e = row[jj] == ninf ? A(-0.0) : acc_exp(row[jj] - m);
         row[jj] = e;
         l += e;
       }
@@ -180,6 +182,7 @@ __global__ void __launch_bounds__(kThreads) decode_chunk_kernel(const DecodePara
           Elems<T, V, Vec> vv;
           vv.load(vc + jj * p.vs[2]);
           const A pj = prow[jj];
+          if (::signbit(pj)) continue;  // masked (see above)
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[e] += pj * to_acc(vv.v[e]);
         }
@@ -221,11 +224,22 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(const DecodePa
   const A* pl = static_cast<const A*>(p.part_lse) + bh * nch * R + r;               // chunk c: c * R
   const A* po = static_cast<const A*>(p.part_out) + (bh * nch * R + r) * p.Dv;      // c * R * Dv
   A m = ninf;
-  for (int64_t c = lane; c < used; c += 32) m = pl[c * R] > m ? pl[c * R] : m;
+  for (int64_t c = lane; c < used; c += 32) m = max_nan(m, pl[c * R]);
   m = warp_max(m);
-  if (m == ninf) {  // no visible key: out 0, lse -inf
-    for (int64_t d = lane; d < p.Dv; d += 32) out[d] = from_acc<T>(A(0));
-    if (lane == 0) *lse = ninf;
+  if (m == ninf) {
+    // No finite logit: out 0, lse -inf when the row sees no key; NaN when it sees keys whose
+    // logits are all -inf (common/softmax_row.h). Telling the two apart reads the row's mask,
+    // only in this rare case.
+    const bool has_qpos = p.q_positions != nullptr;
+    const int64_t qp = has_qpos ? p.q_positions[b * p.qps[0] + (r % p.n) * p.qps[1]] : 0;
+    bool sees = false;
+    for (int64_t j = lane; j < L && !sees; j += 32) {
+      const int64_t kpos = p.positions ? p.positions[b * p.ps[0] + h * p.ps[1] + j * p.ps[2]] : j;
+      sees = kv::decode_visible(j, kpos, has_qpos, qp, p.window, p.sinks);
+    }
+    const A fill = __any_sync(0xffffffffu, sees) ? static_cast<A>(NAN) : A(0);
+    for (int64_t d = lane; d < p.Dv; d += 32) out[d] = from_acc<T>(fill);
+    if (lane == 0) *lse = fill == A(0) ? ninf : fill;
     return;
   }
   A sum = A(0);
@@ -258,7 +272,8 @@ __global__ void __launch_bounds__(kThreads) decode_scores_kernel(const DecodePar
   A total = A(0);
   for (int64_t r = 0; r < R; ++r) {  // rows in order: a fixed summation order
     const A lr = lse[r];
-    if (lr != ninf) total += acc_exp(lg[r * kChunk] - lr);
+    // Masked keys (logit -inf) get nothing, also from a NaN row.
+    if (lr != ninf && lg[r * kChunk] != ninf) total += acc_exp(lg[r * kChunk] - lr);
   }
   p.scores[b * p.ss[0] + h * p.ss[1] + j * p.ss[2]] += static_cast<float>(total);
 }

@@ -132,6 +132,7 @@ struct Cta {
   std::vector<int> ready;  // runnable fibers other than the current one
   Barrier block;
   std::map<std::pair<int, unsigned>, Group> groups;  // (warp, lane mask)
+  std::map<uint64_t, int> votes;  // __syncthreads_or: the OR of each barrier round's votes
   std::vector<unsigned char> smem;  // dynamic shared memory + a guard band
   size_t smem_bytes = 0;
   const std::function<void()>* body = nullptr;
@@ -291,6 +292,17 @@ inline void launch(int64_t blocks, size_t smem_bytes, const std::function<void()
 #define gridDim (::emu::g_grid)
 
 inline void __syncthreads() { emu::wait_on(emu::g_cta->block); }
+// A round's votes are read right after its barrier, so by the time any thread reaches round
+// r + 2 every thread has read round r's: it is dropped then.
+inline int __syncthreads_or(int pred) {
+  emu::Cta& cta = *emu::g_cta;
+  const uint64_t round = cta.block.gen;
+  if (round >= 2) cta.votes.erase(round - 2);
+  int& vote = cta.votes[round];
+  vote |= pred != 0;
+  emu::wait_on(cta.block);
+  return cta.votes[round];
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (!((mask >> emu::lane()) & 1)) emu::fail("__syncwarp: calling lane not in mask");
   emu::wait_on(emu::group(mask).bar);
@@ -309,6 +321,18 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   T r;
   std::memcpy(&r, grp.slots[set][src], sizeof(T));
   return r;
+}
+
+inline int __any_sync(unsigned mask, int pred) {
+  const int lane = emu::lane();
+  if (!((mask >> lane) & 1)) emu::fail("__any_sync: calling lane not in mask");
+  emu::Group& grp = emu::group(mask);
+  const int set = static_cast<int>(grp.bar.gen & 1);
+  grp.slots[set][lane][0] = pred != 0;
+  emu::wait_on(grp.bar);  // every lane of the mask has published its vote
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= ((mask >> l) & 1) ? grp.slots[set][l][0] : 0;
+  return any;
 }
 
 // Fibers switch only at barriers, so a read-modify-write is atomic as it stands.

@@ -200,6 +200,13 @@ __global__ void __launch_bounds__(kThreads) simt_dkdv_kernel(const AttentionPara
       load_query_rows<T>(p, g, si, b, h, i0, nq, t, x);
       __syncthreads();
       recompute_grad_tile<A>(p, mask, kind, p0, s0, nk, t, x, slope);
+      // dK += dS^T Q pairs masked entries (dS = 0) with Q rows: zero a non-finite one
+      // (simt_common.cuh); a row of Q that is not finite has a NaN lse, so the keys it sees
+      // get NaN through dS itself.
+      if (kind != TileKind::kFull && tile_has_nonfinite(x.q, t.ld, nq, D)) {
+        zero_nonfinite_rows(x.q, t.ld, nq, D);
+        __syncthreads();
+      }
       // dV += P^T dO, dK += dS^T Q (the row scale is inside dS).
       cta_gemm<A>(t.bk, t.dp, t.bq, x.s, 1, t.lds, x.dout, t.ld, 1, dVs, t.ld, true, nullptr);
       cta_gemm<A>(t.bk, t.dp, t.bq, x.dp, 1, t.lds, x.q, t.ld, 1, dKs, t.ld, true, nullptr);
@@ -242,6 +249,18 @@ __global__ void __launch_bounds__(kThreads) simt_dq_kernel(const AttentionParams
     load_tile(x.v, t.ld, vg + j0 * p.v_row_stride, p.v_row_stride, nk, t.bk, D, t.dp);
     __syncthreads();
     recompute_grad_tile<A>(p, si.mask, kind, w.p0, s0, nk, t, x, slope);
+    // dQ += dS K pairs masked entries (dS = 0) with K rows: a non-finite row is zeroed, and
+    // the rows that see it (possibly with P = 0: 0 * inf in the dense formula) become NaN.
+    if (kind != TileKind::kFull && tile_has_nonfinite(x.k, t.ld, nk, D)) {
+      for (int r = threadIdx.x; r < w.nq; r += kThreads) {
+        if (sees_nonfinite_row(si.mask, w.p0 + r, s0, x.k, t.ld, nk, D)) {
+          for (int d = 0; d < D; ++d) dQs[r * t.ld + d] = A(NAN);
+        }
+      }
+      __syncthreads();
+      zero_nonfinite_rows(x.k, t.ld, nk, D);
+      __syncthreads();
+    }
     cta_gemm<A>(t.bq, t.dp, t.bk, x.dp, t.lds, 1, x.k, t.ld, 1, dQs, t.ld, true, nullptr);
     __syncthreads();
   });

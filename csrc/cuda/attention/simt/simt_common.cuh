@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "common/attention_params.h"
+#include "common/softmax_row.h"
 #include "cuda/device_common.cuh"
 #include "cuda/attention/simt/simt_tiles.h"
 
@@ -26,9 +27,10 @@ __device__ __forceinline__ double acc_exp(double x) { return ::exp(x); }
 __device__ __forceinline__ float acc_log(float x) { return __logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return ::log(x); }
 
+// The max that keeps a NaN (common/softmax_row.h's max_nan): running maxima must not drop one.
 template <typename A>
 __device__ __forceinline__ A amax(A a, A b) {
-  return a > b ? a : b;
+  return max_nan(a, b);
 }
 
 // Lanes [base, base + g) of the warp, g a power of two <= 32, base a multiple of g.
@@ -64,6 +66,52 @@ __device__ __forceinline__ void load_tile(A* dst, int ld, const T* src, int64_t 
       for (int d = lane; d < dp; d += 32) out[d] = d < D ? to_acc(in[d]) : A(0);
     } else {
       for (int d = lane; d < dp; d += 32) out[d] = A(0);
+    }
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ bool is_nonfinite(A x) {
+  return !::isfinite(x);
+}
+
+template <typename A>
+__device__ __forceinline__ bool row_nonfinite(const A* row, int D) {
+  for (int d = 0; d < D; ++d) {
+    if (is_nonfinite(row[d])) return true;
+  }
+  return false;
+}
+
+// Non-finite rows of a shared-memory tile (rows x D, row stride ld). A partial tile's GEMMs pair
+// masked (query, key) entries, whose P or dS is 0, with rows of the other operand, and
+// 0 * inf = NaN would reach a row the mask keeps apart from it (docs/semantics.md): such a tile
+// zeroes the non-finite rows before the GEMM, and the results that see one are made NaN
+// explicitly. tile_has_nonfinite is CTA-wide (every thread calls it; it synchronizes).
+template <typename A>
+__device__ __forceinline__ bool tile_has_nonfinite(const A* tile, int ld, int rows, int D) {
+  int bad = 0;
+  for (int i = threadIdx.x; i < rows * D; i += kThreads) bad |= is_nonfinite(tile[(i / D) * ld + i % D]);
+  return __syncthreads_or(bad) != 0;
+}
+
+// Whether query position pos sees a key of the tile (keys [0, nk) at positions s0 + c) whose
+// row in `tile` is not finite.
+template <typename A>
+__device__ __forceinline__ bool sees_nonfinite_row(const MaskParams& mask, int64_t pos, int64_t s0,
+                                                   const A* tile, int ld, int nk, int D) {
+  for (int c = 0; c < nk; ++c) {
+    if (mask.visible(pos, s0 + c) && row_nonfinite(tile + c * ld, D)) return true;
+  }
+  return false;
+}
+
+// A thread per row: the rare path of a tile that holds a non-finite value.
+template <typename A>
+__device__ __forceinline__ void zero_nonfinite_rows(A* tile, int ld, int rows, int D) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    if (row_nonfinite(tile + r * ld, D)) {
+      for (int d = 0; d < D; ++d) tile[r * ld + d] = A(0);
     }
   }
 }

@@ -111,36 +111,40 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
     online_softmax_tile<A>(p, si.mask, kind != TileKind::kFull, w.p0, s0, w.nq, nk, t, Ss, row_m,
                            row_l, row_alpha, row_rs, slope);
     __syncthreads();
+    // A partial tile pairs masked entries (P = 0) with V rows in its P V product: a non-finite
+    // row is zeroed first, and the rows that see it become NaN instead (simt_common.cuh).
+    if (kind != TileKind::kFull && tile_has_nonfinite(Vs, t.ld, nk, D)) {
+      for (int r = threadIdx.x; r < w.nq; r += kThreads) {
+        if (sees_nonfinite_row(si.mask, w.p0 + r, s0, Vs, t.ld, nk, D)) {
+          for (int d = 0; d < D; ++d) Os[r * t.ld + d] = A(NAN);
+        }
+      }
+      __syncthreads();
+      zero_nonfinite_rows(Vs, t.ld, nk, D);
+      __syncthreads();
+    }
     cta_gemm<A>(t.bq, t.dp, t.bk, Ss, t.lds, 1, Vs, t.ld, 1, Os, t.ld, true, row_alpha);
     __syncthreads();
   });
 
-  // The sink logit joins the denominator and carries no value; then normalize. row_alpha
-  // becomes the sink's rescale, row_l 1/l (0 marks a fully masked row: out 0, lse -inf).
+  // The row rules of common/softmax_row.h (the sink logit joins the denominator and carries no
+  // value; fully masked rows get out 0, lse -inf); row_l becomes the output's scale.
   A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, w.b, w.h) + w.i0;
   for (int r = threadIdx.x; r < w.nq; r += kThreads) {
-    A mr = row_m[r], lr = row_l[r], alpha = A(1);
-    if (sp.has_sink_logit) {
-      const A z = static_cast<A>(p.sink_logit(w.h));
-      const A m_new = amax(mr, z);
-      alpha = mr == neg_inf<A>() ? A(0) : acc_exp(mr - m_new);
-      lr = lr * alpha + acc_exp(z - m_new);
-      mr = m_new;
-    }
-    const bool empty = lr == A(0) || mr == neg_inf<A>();
-    row_alpha[r] = alpha;
-    row_l[r] = empty ? A(0) : A(1) / lr;
-    lse[r] = empty ? neg_inf<A>() : mr + acc_log(lr);
+    const A mr = row_m[r];
+    const bool sees = mr == neg_inf<A>() && si.mask.row_sees_keys(w.i0 + r, si.k_len);
+    const A z = sp.has_sink_logit ? static_cast<A>(p.sink_logit(w.h)) : A(0);
+    const RowFinish<A> f = finish_softmax_row<A>(mr, row_l[r], sp.has_sink_logit, z, sees);
+    row_l[r] = f.out_scale;
+    lse[r] = f.lse;
   }
   __syncthreads();
   T* out = static_cast<T*>(p.out) + out_offset(p, si, w.b, w.h) + w.i0 * p.heads_q * D;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int r = warp; r < w.nq; r += kWarps) {
-    const A alpha = row_alpha[r], inv_l = row_l[r];
+    const A scale = row_l[r];  // 0: not Os * 0, which a NaN in Os would survive
     T* o = out + static_cast<int64_t>(r) * p.heads_q * D;
-    for (int d = lane; d < D; d += 32) {
-      o[d] = from_acc<T>(inv_l == A(0) ? A(0) : Os[r * t.ld + d] * alpha * inv_l);
-    }
+    for (int d = lane; d < D; d += 32) o[d] = from_acc<T>(scale == A(0) ? A(0) : Os[r * t.ld + d] * scale);
   }
 }
 
