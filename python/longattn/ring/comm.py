@@ -25,13 +25,23 @@ ends with one host wait bounded by it (:meth:`Comm.finish`): an event recorded o
 stream after the last transfer's wait completes only once every transfer of the pass has, so a
 hang anywhere in the ring becomes an error there. Without ``timeout`` the process group's
 watchdog (its own timeout) catches hangs.
+
+Nothing posted outlives the call. A step's works and their ops live in the Comm only, not in
+the pass's frames, and are dropped once waited for: all of them, even after one failed, so a
+timeout on one transfer does not leave the others in flight. When the pass raises between
+posting a step and waiting for it (its compute failed), :meth:`Comm.settle` waits for that step
+before the error leaves the op: the peers posted the matching ops in the same step, so this
+ends at once when they are healthy, and is bounded by the timeout when they are not (after a
+timeout gloo fails every pending op of the group). An exception's traceback keeps the frames of
+the pass alive, possibly until the process exits, and a gloo work kept there would still be
+waiting for, or sending from, its buffer while the process group is torn down.
 """
 from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,6 +60,8 @@ class Comm:
     # The tensors' device when it is a GPU: waits order its current stream, not the host.
     stream_device: Optional[torch.device] = None
     _unchecked: Optional[str] = None   # the latest transfers waited for on the stream only
+    _posted: list = field(default_factory=list)   # the works of the step in flight
+    _ops: list = field(default_factory=list)      # and its ops (they hold the send payloads)
 
     def fail(self, what: str, e: Exception):
         limit = f" (timeout {self.timeout.total_seconds():g} s)" if self.timeout else ""
@@ -57,19 +69,27 @@ class Comm:
             f"ring_attention: rank {self.rank} of {self.world} failed {what}{limit}: {e}. A peer "
             "rank may have failed, hung or not made the same ring_attention call.")
 
-    def wait(self, works, what: str, *, host: bool = False):
-        """Wait for ``works``: on the host with the timeout (gloo, or ``host``), else on the
-        current stream."""
+    def wait(self, works: List, what: str, *, host: bool = False):
+        """Wait for every work in ``works`` (the list is emptied: no reference to a work is
+        left behind, not even in a traceback), on the host with the timeout (gloo, or
+        ``host``), else on the current stream. After a failure the others are still waited
+        for; the first failure is raised."""
         on_stream = self.stream_device is not None and not host
-        for w in works:
+        first = None
+        waited = bool(works)
+        while works:
+            w = works.pop(0)
             try:
                 if self.timeout is None or on_stream:
                     w.wait()
                 else:
                     w.wait(self.timeout)
             except RuntimeError as e:
-                raise self.fail(f"waiting for {what}", e) from e
-        if on_stream and works:
+                first = first or e
+            w = None
+        if first is not None:
+            raise self.fail(f"waiting for {what}", first) from first
+        if on_stream and waited:
             self._unchecked = what
 
     def finish(self):
@@ -88,8 +108,9 @@ class Comm:
             time.sleep(1e-4)
 
     def exchange(self, msgs: Sequence[Msg], payload, alloc):
-        """Post this rank's share of one batch; returns (works, [(msg, buffer) received],
-        the ops, which keep the send buffers alive)."""
+        """Post this rank's share of one batch; returns [(msg, buffer) received]. Wait for it
+        with :meth:`complete` before the next one."""
+        assert not self._posted, "ring_attention: internal error, a step was left posted"
         sends = [m for m in msgs if m.src == self.rank]
         recvs = [m for m in msgs if m.dst == self.rank]
         ordered = sends + recvs if self.rank % 2 == 0 else recvs + sends
@@ -108,7 +129,25 @@ class Comm:
             works = dist.batch_isend_irecv(p2p) if p2p else []
         except RuntimeError as e:
             raise self.fail("posting its sends and receives", e) from e
-        return works, received, p2p
+        # The ops keep the send payloads alive until the step is waited for.
+        self._posted, self._ops = list(works), p2p
+        return received
+
+    def complete(self, what: str):
+        """Wait for the step posted last and let go of its works and ops."""
+        try:
+            self.wait(self._posted, what)
+        finally:
+            self._posted, self._ops = [], []
+
+    def settle(self):
+        """End of a pass, normal or not: wait for whatever it left posted (it raised between
+        :meth:`exchange` and :meth:`complete`) and let go of it. Errors are dropped: the pass's
+        own error is the one the caller sees."""
+        try:
+            self.complete("the transfers of a failed step")
+        except RuntimeError:
+            pass
 
 
 def make_comm(group_name: str, timeout_s: float, like: torch.Tensor) -> Comm:
