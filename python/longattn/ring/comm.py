@@ -35,19 +35,25 @@ ends at once when they are healthy, and is bounded by the timeout when they are 
 timeout gloo fails every pending op of the group). An exception's traceback keeps the frames of
 the pass alive, possibly until the process exits, and a gloo work kept there would still be
 waiting for, or sending from, its buffer while the process group is torn down.
+
+Collectives (the metadata all-gather, mode="allgather") go through :meth:`Comm.collective`,
+which on CPU tensors also waits until gloo has released them (release.py): gloo drops a
+finished work on a worker thread of its own, and doing so at interpreter shutdown aborts the
+process.
 """
 from __future__ import annotations
 
 import datetime
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .group import group_from_name
 from .options import META_NAMES, describe, local_meta
+from .release import python_refs, wait_released
 from .schedule import Msg
 
 
@@ -149,6 +155,19 @@ class Comm:
         except RuntimeError:
             pass
 
+    def collective(self, post: Callable, tensors: Sequence[torch.Tensor], what: str, *,
+                   host: bool = False):
+        """Run one collective over ``tensors`` (every tensor it reads or writes): ``post()``
+        starts it and returns its work. Waits as :meth:`wait` does and, on CPU tensors, until
+        the backend has released the tensors (release.py)."""
+        refs = python_refs(tensors)
+        try:
+            works = [post()]
+        except RuntimeError as e:
+            raise self.fail(f"starting {what}", e) from e
+        self.wait(works, what, host=host)     # empties works: the work is gone once waited for
+        wait_released(tensors, refs, self.timeout.total_seconds() if self.timeout else None)
+
 
 def make_comm(group_name: str, timeout_s: float, like: torch.Tensor) -> Comm:
     group = group_from_name(group_name)
@@ -187,9 +206,10 @@ def exchange_metadata(q, k, v, alibi, sink_logits, group_name, layout, mode, cau
     mine = torch.tensor([int(error is not None), n] + shared, dtype=torch.int64,
                         device=_metadata_device(comm.group, q))
     everyone = [torch.empty_like(mine) for _ in range(comm.world)]
-    work = dist.all_gather(everyone, mine, group=comm.group, async_op=True)
     # The host needs the table (the lengths shape the schedule): a host wait, once per call.
-    comm.wait([work], "the metadata exchange at the start of the call", host=True)
+    comm.collective(lambda: dist.all_gather(everyone, mine, group=comm.group, async_op=True),
+                    [mine, *everyone], "the metadata exchange at the start of the call",
+                    host=True)
     table = torch.stack(everyone).cpu().tolist()
     if error is not None:
         raise error
