@@ -94,7 +94,10 @@ class Comm:
                 first = first or e
             w = None
         if first is not None:
-            raise self.fail(f"waiting for {what}", first) from first
+            try:
+                raise self.fail(f"waiting for {what}", first) from first
+            finally:
+                first = None    # its traceback holds this frame: no cycle (see exchange_metadata)
         if on_stream and waited:
             self._unchecked = what
 
@@ -201,7 +204,10 @@ def exchange_metadata(q, k, v, alibi, sink_logits, group_name, layout, mode, cau
             error = e
     if comm.world == 1:
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                error = None    # see below
         return comm, (n,)
     mine = torch.tensor([int(error is not None), n] + shared, dtype=torch.int64,
                         device=_metadata_device(comm.group, q))
@@ -212,7 +218,14 @@ def exchange_metadata(q, k, v, alibi, sink_logits, group_name, layout, mode, cau
                     host=True)
     table = torch.stack(everyone).cpu().tolist()
     if error is not None:
-        raise error
+        try:
+            raise error
+        finally:
+            # The traceback holds this frame: with ``error`` still in it, the cycle would keep
+            # the frame's tensors and Comm, hence the process group, alive until the cyclic
+            # garbage collector runs, possibly only at interpreter shutdown, after
+            # destroy_process_group() (see release.py).
+            error = None
     bad = [r for r in range(comm.world) if table[r][0]]
     if bad:
         raise ValueError(f"ring_attention: rank(s) {bad} rejected their inputs (see the error "
