@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import random
-import sys
 import time
 import traceback
 
@@ -393,12 +392,9 @@ def _worker(rank, W, store, out_dir, device="cpu"):
         except Exception:  # noqa: BLE001
             results[name] = traceback.format_exc()
         _save(results, out_dir, rank)   # what a rank that dies in a later case has done
-    # Leave without tearing gloo down: under load, its teardown after the error cases
-    # sometimes aborted a rank ("terminate called without an active exception") after every
-    # result was written. A crash before this point still fails the test (no results file).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Tear down as a program would and leave normally: a rank that aborts at teardown or at
+    # interpreter shutdown fails test_group_exits_cleanly (docs/ring_teardown.md).
+    dist.destroy_process_group()
 
 
 _RESULTS = {}
@@ -454,6 +450,15 @@ def test_errors_compile_and_failure(W, name, tmp_path_factory):
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 30)
+@pytest.mark.parametrize("W", WORLD_SIZES)
+def test_group_exits_cleanly(W, tmp_path_factory):
+    """Every rank of the group, after all its cases (errors and a broken ring included), tore
+    its process group down and exited with 0."""
+    _, died = _world(W, tmp_path_factory)
+    assert not died, died
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 30)
 @pytest.mark.parametrize("W,name", [(W, n) for W in CUDA_WORLD_SIZES
                                     for n in list(_cuda_cases(W)) + CUDA_SPECIAL[W]])
 def test_cuda_matches_single_process(W, name, tmp_path_factory):
@@ -461,6 +466,16 @@ def test_cuda_matches_single_process(W, name, tmp_path_factory):
     if why:
         pytest.skip(why)
     _check(W, name, tmp_path_factory, "cuda")
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 30)
+@pytest.mark.parametrize("W", CUDA_WORLD_SIZES)
+def test_cuda_group_exits_cleanly(W, tmp_path_factory):
+    why = _cuda_missing(W)
+    if why:
+        pytest.skip(why)
+    _, died = _world(W, tmp_path_factory, "cuda")
+    assert not died, died
 
 
 # ---- single-process tests: geometry, schedule, bad input --------------------------------------

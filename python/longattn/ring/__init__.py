@@ -10,6 +10,7 @@ Public: :func:`ring_attention`, :func:`shard`, :func:`unshard`, :func:`shard_pos
 ``LAYOUTS``, ``MODES``. The modules, from the bottom up:
 
     group       the process group of a call, this rank's place in it
+    release     collectives return only once gloo has released their tensors (teardown)
     layout      the layouts (contiguous, zigzag, stripe): pieces and positions, shard/unshard
     schedule    the mask-aware plan: kernel calls per (rank, block), skipped hops, transfers
     options     argument checks and the metadata every rank must agree on

@@ -20,8 +20,9 @@ def _gather_blocks(comm: Comm, plan_: RingPlan, k, v):
         kv = torch.cat([kv, kv.new_zeros(kv.shape[:2] + (n_max - kv.shape[2],) + kv.shape[3:])],
                        dim=2)
     gathered = [torch.empty_like(kv) for _ in range(comm.world)]
-    work = dist.all_gather(gathered, kv.contiguous(), group=comm.group, async_op=True)
-    comm.wait([work], "the K/V all-gather")
+    kv = kv.contiguous()
+    comm.collective(lambda: dist.all_gather(gathered, kv, group=comm.group, async_op=True),
+                    [kv, *gathered], "the K/V all-gather")
     return [g[:, :, :n] for g, n in zip(gathered, plan_.lengths)]
 
 
@@ -56,13 +57,14 @@ def allgather_backward(comm, plan_, kern, dout, dlse, q, k, v, out, lse):
         # CUDA tensors go to NCCL (also in a "cpu:gloo,cuda:nccl" group), CPU ones to gloo.
         if dkv.is_cuda and "nccl" in str(dist.get_backend(comm.group)):
             mine = torch.empty_like(dkv[0])
-            work = dist.reduce_scatter_tensor(mine, dkv, group=comm.group, async_op=True)
+            comm.collective(lambda: dist.reduce_scatter_tensor(mine, dkv, group=comm.group,
+                                                               async_op=True),
+                            [mine, dkv], "the dK/dV reduction")
         else:
             # gloo has no reduce-scatter: all-reduce and keep this rank's slot (W x the traffic;
             # this mode is meant for small W).
-            mine, work = None, dist.all_reduce(dkv, group=comm.group, async_op=True)
-        comm.wait([work], "the dK/dV reduction")
-        if mine is None:
+            comm.collective(lambda: dist.all_reduce(dkv, group=comm.group, async_op=True),
+                            [dkv], "the dK/dV reduction")
             mine = dkv[r]
     else:
         mine = dkv[0]

@@ -25,19 +25,35 @@ ends with one host wait bounded by it (:meth:`Comm.finish`): an event recorded o
 stream after the last transfer's wait completes only once every transfer of the pass has, so a
 hang anywhere in the ring becomes an error there. Without ``timeout`` the process group's
 watchdog (its own timeout) catches hangs.
+
+Nothing posted outlives the call. A step's works and their ops live in the Comm only, not in
+the pass's frames, and are dropped once waited for: all of them, even after one failed, so a
+timeout on one transfer does not leave the others in flight. When the pass raises between
+posting a step and waiting for it (its compute failed), :meth:`Comm.settle` waits for that step
+before the error leaves the op: the peers posted the matching ops in the same step, so this
+ends at once when they are healthy, and is bounded by the timeout when they are not (after a
+timeout gloo fails every pending op of the group). An exception's traceback keeps the frames of
+the pass alive, possibly until the process exits, and a gloo work kept there would still be
+waiting for, or sending from, its buffer while the process group is torn down.
+
+Collectives (the metadata all-gather, mode="allgather") go through :meth:`Comm.collective`,
+which on CPU tensors also waits until gloo has released them (release.py): gloo drops a
+finished work on a worker thread of its own, and doing so at interpreter shutdown aborts the
+process.
 """
 from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .group import group_from_name
 from .options import META_NAMES, describe, local_meta
+from .release import python_refs, wait_released
 from .schedule import Msg
 
 
@@ -50,6 +66,8 @@ class Comm:
     # The tensors' device when it is a GPU: waits order its current stream, not the host.
     stream_device: Optional[torch.device] = None
     _unchecked: Optional[str] = None   # the latest transfers waited for on the stream only
+    _posted: list = field(default_factory=list)   # the works of the step in flight
+    _ops: list = field(default_factory=list)      # and its ops (they hold the send payloads)
 
     def fail(self, what: str, e: Exception):
         limit = f" (timeout {self.timeout.total_seconds():g} s)" if self.timeout else ""
@@ -57,19 +75,30 @@ class Comm:
             f"ring_attention: rank {self.rank} of {self.world} failed {what}{limit}: {e}. A peer "
             "rank may have failed, hung or not made the same ring_attention call.")
 
-    def wait(self, works, what: str, *, host: bool = False):
-        """Wait for ``works``: on the host with the timeout (gloo, or ``host``), else on the
-        current stream."""
+    def wait(self, works: List, what: str, *, host: bool = False):
+        """Wait for every work in ``works`` (the list is emptied: no reference to a work is
+        left behind, not even in a traceback), on the host with the timeout (gloo, or
+        ``host``), else on the current stream. After a failure the others are still waited
+        for; the first failure is raised."""
         on_stream = self.stream_device is not None and not host
-        for w in works:
+        first = None
+        waited = bool(works)
+        while works:
+            w = works.pop(0)
             try:
                 if self.timeout is None or on_stream:
                     w.wait()
                 else:
                     w.wait(self.timeout)
             except RuntimeError as e:
-                raise self.fail(f"waiting for {what}", e) from e
-        if on_stream and works:
+                first = first or e
+            w = None
+        if first is not None:
+            try:
+                raise self.fail(f"waiting for {what}", first) from first
+            finally:
+                first = None    # its traceback holds this frame: no cycle (see exchange_metadata)
+        if on_stream and waited:
             self._unchecked = what
 
     def finish(self):
@@ -88,8 +117,9 @@ class Comm:
             time.sleep(1e-4)
 
     def exchange(self, msgs: Sequence[Msg], payload, alloc):
-        """Post this rank's share of one batch; returns (works, [(msg, buffer) received],
-        the ops, which keep the send buffers alive)."""
+        """Post this rank's share of one batch; returns [(msg, buffer) received]. Wait for it
+        with :meth:`complete` before the next one."""
+        assert not self._posted, "ring_attention: internal error, a step was left posted"
         sends = [m for m in msgs if m.src == self.rank]
         recvs = [m for m in msgs if m.dst == self.rank]
         ordered = sends + recvs if self.rank % 2 == 0 else recvs + sends
@@ -108,7 +138,38 @@ class Comm:
             works = dist.batch_isend_irecv(p2p) if p2p else []
         except RuntimeError as e:
             raise self.fail("posting its sends and receives", e) from e
-        return works, received, p2p
+        # The ops keep the send payloads alive until the step is waited for.
+        self._posted, self._ops = list(works), p2p
+        return received
+
+    def complete(self, what: str):
+        """Wait for the step posted last and let go of its works and ops."""
+        try:
+            self.wait(self._posted, what)
+        finally:
+            self._posted, self._ops = [], []
+
+    def settle(self):
+        """End of a pass, normal or not: wait for whatever it left posted (it raised between
+        :meth:`exchange` and :meth:`complete`) and let go of it. Errors are dropped: the pass's
+        own error is the one the caller sees."""
+        try:
+            self.complete("the transfers of a failed step")
+        except RuntimeError:
+            pass
+
+    def collective(self, post: Callable, tensors: Sequence[torch.Tensor], what: str, *,
+                   host: bool = False):
+        """Run one collective over ``tensors`` (every tensor it reads or writes): ``post()``
+        starts it and returns its work. Waits as :meth:`wait` does and, on CPU tensors, until
+        the backend has released the tensors (release.py)."""
+        refs = python_refs(tensors)
+        try:
+            works = [post()]
+        except RuntimeError as e:
+            raise self.fail(f"starting {what}", e) from e
+        self.wait(works, what, host=host)     # empties works: the work is gone once waited for
+        wait_released(tensors, refs, self.timeout.total_seconds() if self.timeout else None)
 
 
 def make_comm(group_name: str, timeout_s: float, like: torch.Tensor) -> Comm:
@@ -143,17 +204,28 @@ def exchange_metadata(q, k, v, alibi, sink_logits, group_name, layout, mode, cau
             error = e
     if comm.world == 1:
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                error = None    # see below
         return comm, (n,)
     mine = torch.tensor([int(error is not None), n] + shared, dtype=torch.int64,
                         device=_metadata_device(comm.group, q))
     everyone = [torch.empty_like(mine) for _ in range(comm.world)]
-    work = dist.all_gather(everyone, mine, group=comm.group, async_op=True)
     # The host needs the table (the lengths shape the schedule): a host wait, once per call.
-    comm.wait([work], "the metadata exchange at the start of the call", host=True)
+    comm.collective(lambda: dist.all_gather(everyone, mine, group=comm.group, async_op=True),
+                    [mine, *everyone], "the metadata exchange at the start of the call",
+                    host=True)
     table = torch.stack(everyone).cpu().tolist()
     if error is not None:
-        raise error
+        try:
+            raise error
+        finally:
+            # The traceback holds this frame: with ``error`` still in it, the cycle would keep
+            # the frame's tensors and Comm, hence the process group, alive until the cyclic
+            # garbage collector runs, possibly only at interpreter shutdown, after
+            # destroy_process_group() (see release.py).
+            error = None
     bad = [r for r in range(comm.world) if table[r][0]]
     if bad:
         raise ValueError(f"ring_attention: rank(s) {bad} rejected their inputs (see the error "

@@ -3,6 +3,19 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+if dist.is_available():
+    # Imported now, while no process group exists yet (the usual order: import, then
+    # init_process_group), on purpose. torch.distributed.nn.functional binds ``group.WORLD`` as
+    # default arguments when first imported, and the first call of any torch.library custom op
+    # (ours included) imports it, through torch._dynamo. Imported once the default group
+    # exists, those defaults keep it alive for good: destroy_process_group() can no longer free
+    # it, gloo's worker threads live on into interpreter shutdown, and one that is still
+    # releasing a finished collective there aborts the process (docs/ring_teardown.md).
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except ImportError:    # optional parts (rpc) missing: nothing to pin then either
+        pass
+
 
 def resolve_group(group):
     if not (dist.is_available() and dist.is_initialized()):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .group import rank_world, resolve_group
+from .release import python_refs, wait_released
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
@@ -124,6 +125,19 @@ def shard(x: torch.Tensor, group=None, layout: str = "zigzag", seq_dim: int = 1,
     return x.index_select(seq_dim, idx)
 
 
+def _all_gather(outs, t, group):
+    """dist.all_gather that returns only once the backend has released the tensors: often the
+    last collective before a process tears down (see release.py)."""
+    tensors = [t, *outs]
+    refs = python_refs(tensors)
+    work = dist.all_gather(outs, t, group=group, async_op=True)
+    try:
+        work.wait()
+    finally:
+        work = None
+    wait_released(tensors, refs)
+
+
 def unshard(x_local: torch.Tensor, group=None, layout: str = "zigzag",
             seq_dim: int = 1) -> torch.Tensor:
     """The full sequence from every rank's shard (an all-gather; not differentiable)."""
@@ -133,8 +147,7 @@ def unshard(x_local: torch.Tensor, group=None, layout: str = "zigzag",
     seq_dim = seq_dim % x_local.dim()
     n = x_local.shape[seq_dim]
     lens_t = [torch.zeros(1, dtype=torch.int64, device=x_local.device) for _ in range(world)]
-    dist.all_gather(lens_t, torch.tensor([n], dtype=torch.int64, device=x_local.device),
-                    group=group)
+    _all_gather(lens_t, torch.tensor([n], dtype=torch.int64, device=x_local.device), group)
     lengths = tuple(int(t.item()) for t in lens_t)
     pieces = pieces_for_lengths(layout, lengths)
     n_max = max(lengths)
@@ -143,7 +156,7 @@ def unshard(x_local: torch.Tensor, group=None, layout: str = "zigzag",
     buf = x_local.new_zeros(pad)
     buf.narrow(seq_dim, 0, n).copy_(x_local)
     gathered = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(gathered, buf.contiguous(), group=group)
+    _all_gather(gathered, buf, group)
     full = list(x_local.shape)
     full[seq_dim] = sum(lengths)
     out = x_local.new_empty(full)

@@ -44,8 +44,11 @@ def _ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     plan_, kern = _plan_and_kernel(lengths, alibi_slopes, layout, causal, window_left,
                                    window_right, sinks, scale, softcap, logn_base)
     with torch.no_grad():
-        out, lse = _PASSES[mode][0](comm, plan_, kern, q, k, v)
-        comm.finish()
+        try:
+            out, lse = _PASSES[mode][0](comm, plan_, kern, q, k, v)
+            comm.finish()
+        finally:
+            comm.settle()   # nothing posted by the pass outlives it, error or not
         if sink_logits is not None:
             # The learned sink is one more denominator term with no value: merge it once, as a
             # partial with out = 0 and lse = z, after the ring.
@@ -79,9 +82,12 @@ def _ring_attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor]
     plan_, kern = _plan_and_kernel(lengths.tolist(), alibi_slopes, layout, causal, window_left,
                                    window_right, sinks, scale, softcap, logn_base)
     with torch.no_grad():
-        dq, dk, dv = _PASSES[mode][1](comm, plan_, kern, dout.contiguous(), dlse, q, k, v, out,
-                                      lse)
-        comm.finish()
+        try:
+            dq, dk, dv = _PASSES[mode][1](comm, plan_, kern, dout.contiguous(), dlse, q, k, v,
+                                          out, lse)
+            comm.finish()
+        finally:
+            comm.settle()   # nothing posted by the pass outlives it, error or not
         if sink_logits is None:
             return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
         # dz = -sum_i P_sink_i * delta_i over this rank's rows: like any parameter replicated

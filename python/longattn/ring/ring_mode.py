@@ -75,14 +75,12 @@ def ring_forward(comm: Comm, plan_: RingPlan, kern: Kernel, q, k, v):
     blocks = Blocks(plan_, r, k, v, plan_.fwd_msgs)
     by_step = _by_step(plan_.fwd_msgs, W)
     for h in range(W):
-        works, received, keep = comm.exchange(by_step[h], blocks.payload,
-                                              lambda m: _alloc(m, k, k.dtype))
+        received = comm.exchange(by_step[h], blocks.payload, lambda m: _alloc(m, k, k.dtype))
         o = (r - h) % W
         for c in plan_.calls[r][o]:
             out, lse = kern.fwd(q[:, c.q0:c.q1], *blocks.rows(o, c), c)
             acc.add(c.q0, c.q1, out, lse)
-        comm.wait(works, f"K/V blocks of step {h + 1} of {W}")
-        del keep
+        comm.complete(f"K/V blocks of step {h + 1} of {W}")
         for m, t in received:
             blocks.receive(m, t)
         blocks.release(h)
@@ -105,7 +103,7 @@ def ring_backward(comm: Comm, plan_: RingPlan, kern: Kernel, dout, dlse, q, k, v
 
     by_step = _by_step(plan_.bwd_msgs, W)
     for h in range(W + 1):
-        works, received, keep = comm.exchange(by_step[h], payload, alloc)
+        received = comm.exchange(by_step[h], payload, alloc)
         o = (r - h) % W
         if h < W and plan_.calls[r][o]:
             calls = plan_.calls[r][o]
@@ -125,8 +123,7 @@ def ring_backward(comm: Comm, plan_: RingPlan, kern: Kernel, dout, dlse, q, k, v
                 dkv[0, :, c.k0 - base:c.k1 - base] += dk_c
                 dkv[1, :, c.k0 - base:c.k1 - base] += dv_c
         what = "the final dK/dV returns" if h == W else f"K/V and dK/dV of step {h + 1} of {W}"
-        comm.wait(works, what)
-        del keep
+        comm.complete(what)
         for m in by_step[h]:          # shares sent home are done with
             if m.kind == 1 and m.src == r:
                 pending.pop(m.block)
