@@ -12,15 +12,12 @@
 
 #include "cpu/checks.h"
 #include "cpu/gemm.h"
+#include "cpu/tuning.h"
 
 #if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>  // torch >= 2.9: no other torch headers pulled in
 #elif __has_include(<torch/version.h>)
 #include <torch/version.h>
-#endif
-
-#if LONGATTN_OPENMP
-#include <omp.h>
 #endif
 
 // Fallbacks so the file also compiles outside the CMake build (e.g. an IDE index).
@@ -32,9 +29,6 @@
 #endif
 #ifndef LONGATTN_CUDA_ARCHS
 #define LONGATTN_CUDA_ARCHS ""
-#endif
-#ifndef LONGATTN_CUDA_SM90A
-#define LONGATTN_CUDA_SM90A 0
 #endif
 #ifndef LONGATTN_CPU_ISA_NAME
 #define LONGATTN_CPU_ISA_NAME "none"
@@ -84,29 +78,12 @@ py::dict build_info() {
 #else
   d["cuda_version"] = py::none();
 #endif
-  d["cuda_sm90a"] = static_cast<bool>(LONGATTN_CUDA_SM90A);
   d["cpu_isa"] = LONGATTN_CPU_ISA_NAME;
   d["cpu_gemm"] = longattn::cpu::gemm_backend();  // tile GEMMs: avx512 | mkl | loops
   d["torch_version"] = torch_version_compiled();     // headers compiled against
   d["torch_version_full"] = LONGATTN_TORCH_VERSION_STR;  // torch.__version__ at build time
   d["openmp"] = static_cast<bool>(LONGATTN_OPENMP);
   return d;
-}
-
-// Threads an OpenMP parallel region in *this* module gets (1 when compiled
-// without -fopenmp): what at::parallel_for in our kernels can use.
-int openmp_max_threads() {
-#if LONGATTN_OPENMP
-  int n = 0;
-#pragma omp parallel
-  {
-#pragma omp single
-    n = omp_get_num_threads();
-  }
-  return n;
-#else
-  return 1;
-#endif
 }
 
 }  // namespace
@@ -116,9 +93,15 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = LONGATTN_VERSION;
   m.def("build_info", &build_info,
         "Dict describing how this extension was built: version, cuda, cuda_archs, "
-        "cuda_version, cuda_sm90a, cpu_isa, cpu_gemm, torch_version, torch_version_full, openmp.");
-  m.def("_openmp_threads", &openmp_max_threads,
-        "Threads an OpenMP parallel region in this module gets (diagnostic).");
+        "cuda_version, cpu_isa, cpu_gemm, torch_version, torch_version_full, openmp.");
+  m.def(
+      "_set_cpu_tuning",
+      [](int64_t tile_q, int64_t tile_k, int64_t splitk) {
+        longattn::cpu::set_cpu_tuning({tile_q, tile_k, splitk});
+      },
+      py::arg("tile_q") = 0, py::arg("tile_k") = 0, py::arg("splitk") = -1,
+      "Override the CPU forward's tile shape (0, 0: its choice) and split-K chunk size in key "
+      "tiles (-1: its rule, 0: never split), for tests and tuning (csrc/cpu/tuning.h).");
   m.def("_check_softcap_row", &longattn::cpu::softcap_row_vs_scalar,
         "(CPU softcap_row(x), softcap_logit per element) for the tests.");
 }

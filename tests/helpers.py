@@ -1,6 +1,6 @@
 """Numeric helpers shared by the tests.
 
-Tolerance rule (REFERENCES.md section 1, FlashAttention's rule)
+Tolerance rule (docs/numerics.md, FlashAttention's rule)
 ----------------------------------------------------------------
 A kernel result ``out`` is compared with two references computed from the same inputs:
 
@@ -49,7 +49,7 @@ def tol_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def assert_close_rule(out, ref_hi, ref_lo, factor=2.0, atol_floor=None, name="out"):
-    """``max|out - ref_hi| <= factor * max|ref_lo - ref_hi| + atol`` (REFERENCES.md section 1)."""
+    """``max|out - ref_hi| <= factor * max|ref_lo - ref_hi| + atol`` (docs/numerics.md)."""
     assert out.shape == ref_hi.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_hi.shape)}"
     o = out.detach().to("cpu", torch.float64)
     r = ref_hi.detach().to("cpu", torch.float64)

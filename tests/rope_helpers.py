@@ -1,6 +1,6 @@
 """Helpers of the RoPE / extension tests: the devices to run on and the tolerance rule.
 
-The rule is the suite's (tests/helpers.py, REFERENCES.md section 1): a kernel result passes when
+The rule is the suite's (tests/helpers.py, docs/numerics.md): a kernel result passes when
 ``max|out - ref| <= factor * max|ref_lo - ref| + floor``, with ref the float64 reference and
 ref_lo the same formula in the kernel's dtype. When tests/helpers.py is importable its
 implementation is used; the fallback below is the same rule.

@@ -1,6 +1,6 @@
 """Forward values of longattn.attention (out and lse) against the references.
 
-Tolerance: REFERENCES.md section 1 (see helpers.py): factor 2 over the plain-PyTorch error in
+Tolerance: docs/numerics.md (see helpers.py): factor 2 over the plain-PyTorch error in
 the same dtype, plus a small floor.
 """
 

@@ -7,7 +7,7 @@ The rest of the suite runs on CUDA too (the `device` fixture); this file adds th
 dtypes of the flash kernels (fp16/bf16, hd 64/96/128/256; the backward's hd 96 and 256 where the
 device has their shared memory, SIMT otherwise) with every mask option. The backend is chosen
 per call from LONGATTN_CUDA_BACKEND (auto | flash | simt), set here with monkeypatch.
-Tolerances: REFERENCES.md section 1 (helpers.assert_close_rule). Skipped without a GPU and a CUDA
+Tolerances: docs/numerics.md (helpers.assert_close_rule). Skipped without a GPU and a CUDA
 build of longattn.
 """
 

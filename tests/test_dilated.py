@@ -63,10 +63,10 @@ def test_dilated_gqa(Hq, Hkv, segs, device):
 def test_dilated_scale_and_default(device):
     q, k, v = (randn(1, 48, 2, 16, device=device) for _ in range(3))
     segs = [(16, 1), (48, 2)]
-    out = longattn.dilated_attention(q, k, v, segments=segs)  # causal=True by default
+    out = longattn.dilated_attention(q, k, v, segments=segs)  # causal=False, as attention
     assert isinstance(out, torch.Tensor)
-    ref, _ = dilated_attention_ref(q, k, v, segs, causal=True)
-    lo, _ = dilated_attention_ref(q, k, v, segs, causal=True, upcast=False)
+    ref, _ = dilated_attention_ref(q, k, v, segs)
+    lo, _ = dilated_attention_ref(q, k, v, segs, upcast=False)
     assert_close_rule(out, ref, lo)
     out = longattn.dilated_attention(q, k, v, segments=segs, scale=0.37, causal=False)
     ref, _ = dilated_attention_ref(q, k, v, segs, causal=False, scale=0.37)

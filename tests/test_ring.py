@@ -275,7 +275,8 @@ def _subgroup(rank, W):
         q, k, v = (torch.randn(1, 14, 2, 8, generator=g, dtype=torch.float64) for _ in "qkv")
         want = longattn.attention(q, k, v, causal=True, window=(4, 0))
         local = [ring.shard(t, sub, layout="zigzag") for t in (q, k, v)]
-        got = longattn.ring_attention(*local, group=sub, window=(4, 0), timeout=TIMEOUT_S)
+        got = longattn.ring_attention(*local, group=sub, causal=True, window=(4, 0),
+                                      timeout=TIMEOUT_S)
         torch.testing.assert_close(got, ring.shard(want, sub), atol=1e-12, rtol=0)
         torch.testing.assert_close(ring.unshard(got, sub), want, atol=1e-12, rtol=0)
     finally:
@@ -286,7 +287,7 @@ def _compile(rank, W):
     q, k, v = _small(rank, dtype=torch.float32, n=8, requires_grad=True)
 
     def f(q, k, v):
-        out, lse = longattn.ring_attention(q * 2, k, v, window=(3, 0), sinks=1,
+        out, lse = longattn.ring_attention(q * 2, k, v, causal=True, window=(3, 0), sinks=1,
                                            return_lse=True, timeout=TIMEOUT_S)
         return out.sin().sum() + lse.sum()
 

@@ -1,4 +1,4 @@
-"""longattn.rope.frequencies: the formulas of every scaling type (REFERENCES.md section 5),
+"""longattn.rope.frequencies: the formulas of every scaling type (docs/rope_scaling.md),
 bit-for-bit agreement with transformers' ROPE_INIT_FUNCTIONS when it is installed, the
 factor-1 equivalences, and clear errors for unknown types and missing keys."""
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_default_formula():
 
 @pytest.mark.parametrize("name,scaling,kw", CASES, ids=[c[0] for c in CASES])
 def test_formulas(name, scaling, kw):
-    """Each type against its formula written out in float64 (REFERENCES.md section 5)."""
+    """Each type against its formula written out in float64 (docs/rope_scaling.md)."""
     inv, a = frequencies(D, BASE, scaling, **kw)
     d, b = D, BASE
     i = torch.arange(D // 2, dtype=torch.float64)

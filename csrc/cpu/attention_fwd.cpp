@@ -5,8 +5,6 @@
 // full/partial/empty, empty tiles are never touched and only partial tiles pay for
 // per-element masking. Score tiles
 // go through BLAS (Q K^T, P V); the softmax runs on at::vec rows.
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 #include "common/merge.h"
@@ -15,20 +13,18 @@
 #include "cpu/key_split.h"
 #include "cpu/parallel.h"
 #include "cpu/tile.h"
+#include "cpu/tuning.h"
 #include "cpu/work_items.h"
 
 namespace longattn::cpu {
 
 CpuTiles choose_tiles(const AttentionParams& p) {
   CpuTiles t;
-  // Tuning knob: LONGATTN_CPU_TILES="q,k" overrides the forward tile shape.
-  if (const char* env = std::getenv("LONGATTN_CPU_TILES")) {
-    long tq = 0, tk = 0;
-    if (std::sscanf(env, "%ld,%ld", &tq, &tk) == 2 && tq > 0 && tk > 0) {
-      t.q = std::min<int64_t>(tq, std::max<int64_t>(1, p.seqlen_q));
-      t.k = tk;
-      return t;
-    }
+  const CpuTuning tuning = cpu_tuning();  // an override of the tile shape (cpu/tuning.h)
+  if (tuning.tile_q > 0 && tuning.tile_k > 0) {
+    t.q = std::min<int64_t>(tuning.tile_q, std::max<int64_t>(1, p.seqlen_q));
+    t.k = tuning.tile_k;
+    return t;
   }
   // Short query sets (decode, chunked prefill) want the rows they have; long key sets want
   // long tiles so each BLAS call is large.

@@ -18,17 +18,17 @@
 // kMaxSplitChunks x 2048 keys the chunks grow instead of multiplying, so an item's scratch
 // (chunks x nq x D) stays bounded however long the context (1M keys: 64 chunks of 16K keys).
 //
-// LONGATTN_CPU_SPLITK overrides the rule (tests, tuning): "0" never splits; a positive n
+// cpu/tuning.h's splitk overrides the rule (tests, tuning): 0 never splits; a positive n
 // splits every item with more than n key tiles into chunks of n tiles, whatever the counts
-// (with LONGATTN_CPU_TILES, small shapes take the split path too).
+// (with small forced tiles, small shapes take the split path too).
 #pragma once
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
+#include "cpu/tuning.h"
 #include "cpu/work_items.h"
 
 namespace longattn::cpu {
@@ -72,11 +72,8 @@ struct ForwardPlan {
 
 // Key tiles per chunk, or 0 for no split (the rule above).
 inline int64_t split_chunk_tiles(const CpuTiles& t, int64_t item_count) {
-  if (const char* env = std::getenv("LONGATTN_CPU_SPLITK")) {
-    char* end = nullptr;
-    const long n = std::strtol(env, &end, 10);
-    if (end != env && *end == '\0' && n >= 0) return n;
-  }
+  const int64_t forced = cpu_tuning().splitk;  // an override (cpu/tuning.h)
+  if (forced >= 0) return forced;
   if (item_count >= 2 * static_cast<int64_t>(at::get_num_threads())) return 0;
   return ceil_div(kSplitChunkKeys, t.k);
 }

@@ -23,10 +23,21 @@ def _lse_shape(q: torch.Tensor, varlen: bool):
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
+def _check_devices(q, **named):
+    """The device check of csrc/attention_args.cpp, for calls that reach the fake kernel (meta
+    tensors, tracing): a mix with a meta tensor would otherwise dispatch here unchecked."""
+    for name, t in named.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must "
+                             "be on one device")
+
+
 @torch.library.register_fake("longattn::attention")
 def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits, scale,
                     softcap, logn_base, causal, window_left, window_right, sinks, q_start,
                     k_start, max_seqlen_q, max_seqlen_k):
+    _check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                   alibi_slopes=alibi_slopes, sink_logits=sink_logits)
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q))
     return out, lse

@@ -108,7 +108,7 @@ def _scatter_config(q, k, v, w: int, r: int, causal: bool, scale):
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      segments: Sequence[Tuple[int, int]], *, causal: bool = True,
+                      segments: Sequence[Tuple[int, int]], *, causal: bool = False,
                       scale: Optional[float] = None, return_lse: bool = False):
     """LongNet dilated attention (Ding et al. 2023).
 

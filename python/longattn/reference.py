@@ -5,7 +5,7 @@ masks); they exist to define and check the semantics written down in ``docs/sema
 not to be fast.  Every function computes in float64 by default (``upcast=True``).  With
 ``upcast=False`` the computation runs in the input dtype exactly as plain PyTorch would
 (matmuls in that dtype, softmax in that dtype): this is the "PyTorch in the same low
-precision" baseline of the tolerance rule (REFERENCES.md section 1).
+precision" baseline of the tolerance rule (docs/numerics.md).
 
 All references are differentiable with respect to q, k, v (and ``sink_logits``), and rows
 with no visible key produce ``out = 0``, ``lse = -inf`` and finite zero gradients.
@@ -100,7 +100,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float32)
 
 
-def dilated_mask(L: int, n_heads: int, w: int, r: int, *, causal: bool = True, device=None):
+def dilated_mask(L: int, n_heads: int, w: int, r: int, *, causal: bool = False, device=None):
     """Per-head ``(n_heads, L, L)`` mask of one LongNet config ``(w, r)``.
 
     Segments ``[j*w, min((j+1)*w, L))``; head h keeps the tokens whose offset t from the
@@ -394,7 +394,7 @@ def dilated_attention_ref(
     v: torch.Tensor,
     segments: Sequence[Tuple[int, int]],
     *,
-    causal: bool = True,
+    causal: bool = False,
     scale: Optional[float] = None,
     upcast: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -490,7 +490,3 @@ def select_keep_ref(scores, lengths, n_sink, n_recent, budget):
         res.append(row)
     return res
 
-
-# RoPE and the training-free extension methods keep their references in rope_reference.py;
-# re-exported so this module stays the one place to find every op's reference.
-from .rope_reference import *  # noqa: E402,F401,F403

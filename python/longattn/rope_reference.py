@@ -2,7 +2,7 @@
 
 Everything runs in float64 by default (``upcast=True``); with ``upcast=False`` the arithmetic
 runs in the input dtype as plain PyTorch would (cos/sin still from exact float64 angles, then
-cast), which is the low-precision baseline of the tolerance rule (REFERENCES.md section 1).
+cast), which is the low-precision baseline of the tolerance rule (docs/numerics.md).
 Imports only torch.
 
 The extension references are deliberately direct: they build, for every query/key pair, the

@@ -1,4 +1,4 @@
-"""RoPE frequencies from a context-extension scaling config (REFERENCES.md section 5).
+"""RoPE frequencies from a context-extension scaling config (docs/rope_scaling.md).
 
 ``frequencies`` accepts the dicts HF transformers models carry in ``config.rope_scaling`` /
 ``config.rope_parameters`` and returns the same ``inv_freq`` (fp32) and ``attention_scaling``

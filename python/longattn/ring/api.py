@@ -14,7 +14,7 @@ from .options import MODES, check_arguments, is_int
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *,
-                   causal: bool = True, window=None, sinks: int = 0, layout: str = "zigzag",
+                   causal: bool = False, window=None, sinks: int = 0, layout: str = "zigzag",
                    scale: Optional[float] = None, softcap: float = 0.0,
                    alibi_slopes: Optional[torch.Tensor] = None,
                    sink_logits: Optional[torch.Tensor] = None,

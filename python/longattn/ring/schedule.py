@@ -180,7 +180,7 @@ def make_plan(layout: str, lengths: Tuple[int, ...], causal: bool, left: int, ri
 
 
 def plan(lengths: Union[int, Sequence[int]], world_size: Optional[int] = None,
-         layout: str = "zigzag", *, causal: bool = True, window=None, sinks: int = 0) -> RingPlan:
+         layout: str = "zigzag", *, causal: bool = False, window=None, sinks: int = 0) -> RingPlan:
     """The mask-aware schedule for a sequence (its length, with ``world_size``, or the local
     lengths of every rank). Useful to see how many hops and transfers a mask skips."""
     if isinstance(lengths, int):
