@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/host_device.h"
+#include "common/mask.h"
 
 namespace longattn::kv {
 
@@ -13,15 +14,16 @@ namespace longattn::kv {
 constexpr int64_t kDecodeChunk = 256;
 
 // Is cached key `slot` (absolute position kpos) visible to a new query at position qpos?
-// Causal on positions (kpos <= qpos); window: qpos - kpos <= window (window < 0: unbounded);
-// the first `sinks` slots are visible regardless of the window (still causally).
-// has_qpos == false: every valid slot is visible.
+// Attention's mask (common/mask.h: causal, window `window` to the left, -1 unbounded), except
+// that the sinks are the first `sinks` *slots* (still causally): a compacted cache keeps its
+// sink keys in front whatever their positions. has_qpos == false: every valid slot is visible.
 LONGATTN_HD bool decode_visible(int64_t slot, int64_t kpos, bool has_qpos, int64_t qpos,
                                 int64_t window, int64_t sinks) {
   if (!has_qpos) return true;
-  if (kpos > qpos) return false;
-  if (window < 0 || slot < sinks) return true;
-  return qpos - kpos <= window;
+  MaskParams m;
+  m.causal = true;
+  m.left = window < 0 ? kUnbounded : window;
+  return m.visible(qpos, kpos) || (slot < sinks && kpos <= qpos);
 }
 
 // Validate entries [begin, end) of one (batch, head)'s keep list of n indices: strictly
@@ -44,12 +46,6 @@ LONGATTN_HD int64_t first_bad_keep_in(const I* idx, int64_t stride, int64_t begi
 template <typename I>
 LONGATTN_HD int64_t first_bad_keep(const I* idx, int64_t stride, int64_t n, int64_t length) {
   return first_bad_keep_in(idx, stride, 0, n, length);
-}
-
-// Merge of partial (out, lse) by log-sum-exp, in fixed chunk order: weight of chunk c.
-template <typename C>
-LONGATTN_HD C merge_weight(C lse_c, C lse_max, C inv_sum) {
-  return lse_c == -INFINITY ? C(0) : static_cast<C>(::exp(lse_c - lse_max)) * inv_sum;
 }
 
 }  // namespace longattn::kv

@@ -12,6 +12,14 @@
 
 namespace longattn {
 
+// The weight of a partial with log-sum-exp lse_i in a merge whose largest lse is mx and whose
+// sum of exp(lse - mx) is 1 / inv_sum: exp(lse_i - mx) * inv_sum, 0 for a partial that saw no
+// key. Kernels that reduce mx and the sum in parallel (decode's combine) use it directly.
+template <typename A>
+LONGATTN_HD A partial_weight(A lse_i, A mx, A inv_sum) {
+  return lse_i == A(-INFINITY) ? A(0) : static_cast<A>(::exp(lse_i - mx)) * inv_sum;
+}
+
 // weights[i] = exp(lse[i] - merged) for n partials; returns the merged lse.
 template <typename A>
 LONGATTN_HD A merge_weights(const A* lse, int n, A* weights) {
@@ -22,11 +30,9 @@ LONGATTN_HD A merge_weights(const A* lse, int n, A* weights) {
     return mx;
   }
   A sum = 0;
-  for (int i = 0; i < n; ++i) {
-    weights[i] = lse[i] == -INFINITY ? A(0) : ::exp(lse[i] - mx);
-    sum += weights[i];
-  }
-  for (int i = 0; i < n; ++i) weights[i] /= sum;
+  for (int i = 0; i < n; ++i) sum += partial_weight(lse[i], mx, A(1));
+  const A inv = A(1) / sum;
+  for (int i = 0; i < n; ++i) weights[i] = partial_weight(lse[i], mx, inv);
   return mx + ::log(sum);
 }
 

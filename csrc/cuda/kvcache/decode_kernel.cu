@@ -9,7 +9,7 @@
 //    and with a score buffer the logits themselves (linear in the cache length: G * n values
 //    per cached key, read back by step 3 instead of recomputing q.k).
 // 2. decode_combine_kernel, one warp per row: the log-sum-exp merge of the row's chunks in
-//    chunk order (kv::merge_weight), the final out and lse.
+//    chunk order (partial_weight, common/merge.h), the final out and lse.
 // 3. decode_scores_kernel (with scores), one thread per cached key: scores[j] += sum over the
 //    group's rows, in row order, of exp(logit - lse).
 // No atomics anywhere: the results are the same on every run. fp32 accumulation (fp64 for
@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "common/kvcache_math.h"
+#include "common/merge.h"
 #include "cuda/kvcache/kv_device.cuh"
 #include "cuda/kvcache/kvcache_launch.h"
 
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(const DecodePa
   for (int64_t d = lane; d < p.Dv; d += 32) {
     A acc = A(0);
     for (int64_t c = 0; c < used; ++c) {
-      const A w = kv::merge_weight<A>(pl[c * R], m, inv);
+      const A w = partial_weight<A>(pl[c * R], m, inv);
       if (w != A(0)) acc += w * po[c * R * p.Dv + d];
     }
     out[d] = from_acc<T>(acc);
