@@ -10,13 +10,13 @@
 #                                         # the module + stamp below; README.md gives the call)
 #   bash bench/gpu_check.sh --dry-run     # here, no GPU: CPU build, the plumbing, the smoke bench
 #   LONGATTN_CUDA=1 bash bench/gpu_check.sh --dry-run   # the same with the GPU run's CUDA build
-#                                         # (archs: LONGATTN_CUDA_ARCHS, default 90); `make gpu-rehearsal`
+#                                         # (archs: LONGATTN_CUDA_ARCHS, default 90); `make verify STEPS=gpu-rehearsal`
 #
-# A module built here for the same torch and Python can be carried too (`make gpu-rehearsal` builds
+# A module built here for the same torch and Python can be carried too (`make verify STEPS=gpu-rehearsal` builds
 # python/longattn/_C.cpython-312-x86_64-linux-gnu.so and its .stamp): it skips the build when its
 # stamp matches the sources and settings; a stale, foreign or unloadable one is rebuilt.
 # CUTLASS/CuTe headers, first found: $LONGATTN_CUTLASS_DIR; the carried folder .cutlass (made by
-# `make cutlass-carry` where nvidia-cutlass is installed); the nvidia-cutlass package.
+# `make verify STEPS=cutlass-carry` where nvidia-cutlass is installed); the nvidia-cutlass package.
 # Knobs: PYTHON (python3), LONGATTN_CUDA_ARCHS (default: this GPU's, e.g. 90), MAX_JOBS (nproc),
 # GPU_CHECK_BUDGET_S (560), GPU_CHECK_SKIP (words: build tests bench extras), TEST_WORKERS (8,
 # with pytest-xdist), PYTEST_ARGS, BENCH_ARGS (extra bench/gpu_bench.py arguments).
@@ -70,7 +70,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
   elif "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)"; then
     echo "CUTLASS: the nvidia-cutlass package"
   elif [ $DRY = 0 ] || [ "${LONGATTN_CUDA:-0}" = 1 ]; then
-    echo "ERROR: no CUTLASS headers: run 'make cutlass-carry' where nvidia-cutlass is installed and carry .cutlass"
+    echo "ERROR: no CUTLASS headers: run 'make verify STEPS=cutlass-carry' where nvidia-cutlass is installed and carry .cutlass"
     return 1
   fi
   if [ $DRY = 0 ]; then
@@ -89,7 +89,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
   export PYTHONUNBUFFERED=1
 
   # ---- build ---------------------------------------------------------------------------------
-  # A module carried along with the source (built here by `make gpu-rehearsal`, same torch and
+  # A module carried along with the source (built here by `make verify STEPS=gpu-rehearsal`, same torch and
   # Python) is used as is when its stamp matches these sources, this build's settings and torch,
   # and it loads; anything else builds. The stamp is written only after a successful build.
   local so stamp

@@ -1,5 +1,5 @@
 """tools/cuda_resources.py's parsing of cuobjdump output, on hand-written excerpts in its format
-(the tool itself runs in `make cuda-resources` on the CUDA build; no CUDA needed here)."""
+(the tool itself runs in `make verify STEPS=cuda-resources` on the CUDA build; no CUDA needed here)."""
 
 import importlib.util
 import os

@@ -1,9 +1,9 @@
 """Our StreamingLLM and SnapKV policies against NVIDIA kvpress's presses on a tiny random Llama.
 
 Skipped unless kvpress (``pip install --no-deps kvpress``) and transformers are importable;
-``make kvpress-test`` installs kvpress into a side directory and runs this file twice: with the
-venv's transformers (kvpress's ``compress`` called from tests/kvpress_harness.py's hook) and
-with the transformers kvpress supports (kvpress's own hooks). Per layer, the harness records
+``make verify STEPS=kvpress`` runs this file twice: with kvpress beside the development venv's
+transformers (kvpress's ``compress`` called from tests/kvpress_harness.py's hook), and in
+kvpress's own pinned venv with the transformers it supports (kvpress's own hooks). Per layer, the harness records
 the cached keys/values and rotated queries the press saw, the scores it computed and the
 indices it kept; our policies then run on a longattn KVCache holding the same keys.
 
@@ -42,9 +42,9 @@ try:
 except Exception as e:  # noqa: BLE001 - installed, but kvpress or transformers breaks at import
     presses, _why = None, f"kvpress's presses do not import: {type(e).__name__}: {e}"
 if presses is None:
-    if os.environ.get("LONGATTN_REQUIRE_KVPRESS") == "1":  # set by make kvpress-test
+    if os.environ.get("LONGATTN_REQUIRE_KVPRESS") == "1":  # set by make verify STEPS=kvpress
         raise ImportError(_why)
-    pytest.skip(f"{_why} (make kvpress-test installs them)", allow_module_level=True)
+    pytest.skip(f"{_why} (make verify STEPS=kvpress installs them)", allow_module_level=True)
 
 from longattn import kvcache as kvc  # noqa: E402
 

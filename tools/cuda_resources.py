@@ -3,8 +3,8 @@
     python tools/cuda_resources.py [path/to/_C.so] [--filter flash] [--arch sm_90] [--loops]
 
 Reads the fatbinary with `cuobjdump --dump-resource-usage` (the CUDA toolkit's, or the copy
-triton ships in the CUDA venv), so it needs no GPU: `make cuda-resources` runs it on the module
-`make cuda-build` installed. A stack frame in a kernel that declares no local arrays means
+triton ships in the CUDA venv), so it needs no GPU: `make verify STEPS=cuda-resources` runs it on the module
+`make verify STEPS=cuda-build` installed. A stack frame in a kernel that declares no local arrays means
 register spills (ptxas -v gives their exact bytes); 255 registers means the allocator hit the
 per-thread limit. Instantiations differing only in template arguments are listed one per line
 with those arguments shortened, so a spill that appears in one variant stands out.

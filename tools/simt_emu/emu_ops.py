@@ -24,7 +24,7 @@ redzones), of dynamic shared memory (then allocated at its exact size) or of a s
 ``__shared__`` array aborts the process with ASan's report and the kernel's stack. The Python
 process must load libasan first, and libstdc++ with it (python does not link it; ASan's
 exception interceptor needs it): ``LD_PRELOAD="$(g++ -print-file-name=libasan.so)
-$(g++ -print-file-name=libstdc++.so)"`` and ``ASAN_OPTIONS=detect_leaks=0`` (``make emu-asan``
+$(g++ -print-file-name=libstdc++.so)"`` and ``ASAN_OPTIONS=detect_leaks=0`` (``make verify STEPS=emu-asan``
 sets both, and runs pytest with ``--capture=sys`` so the report reaches the terminal)."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ if ASAN:
         raise RuntimeError(
             "SIMT_EMU_ASAN=1 needs libasan loaded before everything else: run python with "
             "LD_PRELOAD=\"$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)\" "
-            "ASAN_OPTIONS=detect_leaks=0 (make emu-asan)")
+            "ASAN_OPTIONS=detect_leaks=0 (make verify STEPS=emu-asan)")
 _SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
 
 load(name="longattn_simt_emu_asan" if ASAN else "longattn_simt_emu",

@@ -11,7 +11,7 @@ few tests of CPU-only behaviour are deselected (DESELECT, with the reason). At t
 session prints which kernel instantiations ran and which never did (SIMT_EMU_COVERAGE=0 turns
 that off).
 
-``make emu-test`` runs the subset CI runs (a few minutes on two cores); see the Makefile."""
+``make verify STEPS=emu`` runs the subset CI runs (a few minutes on two cores); see tools/verify.sh."""
 import os
 
 import emu_ops
