@@ -32,24 +32,22 @@ struct AttentionArgs {
 // every backend's m.impl must have exactly. attention_op<Impl> and attention_backward_op<Impl>
 // have them, so the arguments are spelled out once, and call Impl with those shared by both ops
 // gathered into AttentionArgs:
-//   forward:  Impl(const AttentionArgs&, Extra...)
-//   backward: Impl(const AttentionArgs&, dout, dlse, out, lse, Extra...)
-// Extra are arguments a schema adds after the op's own (the SIMT emulator's smem_limit, seed).
-template <auto Impl, typename... Extra>
+//   forward:  Impl(const AttentionArgs&)
+//   backward: Impl(const AttentionArgs&, dout, dlse, out, lse)
+template <auto Impl>
 std::tuple<at::Tensor, at::Tensor> attention_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
     double scale, double softcap, double logn_base, bool causal, int64_t window_left,
     int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k, Extra... extra) {
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
   return Impl(AttentionArgs{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits, scale,
                             softcap, logn_base, causal, window_left, window_right, sinks, q_start,
-                            k_start, max_seqlen_q, max_seqlen_k},
-              extra...);
+                            k_start, max_seqlen_q, max_seqlen_k});
 }
 
-template <auto Impl, typename... Extra>
+template <auto Impl>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
@@ -57,11 +55,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink_logits,
     double scale, double softcap, double logn_base, bool causal, int64_t window_left,
     int64_t window_right, int64_t sinks, std::optional<int64_t> q_start, int64_t k_start,
-    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k, Extra... extra) {
+    std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
   return Impl(AttentionArgs{q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits, scale,
                             softcap, logn_base, causal, window_left, window_right, sinks, q_start,
                             k_start, max_seqlen_q, max_seqlen_k},
-              dout, dlse, out, lse, extra...);
+              dout, dlse, out, lse);
 }
 
 constexpr int64_t kMaxHeadDim = 256;

@@ -80,7 +80,8 @@ def _knobs():
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, alibi, sink, *scalars):
-        out, lse = emu.attention(q, k, v, cu_q, cu_k, alibi, sink, *scalars, *_knobs())
+        emu.configure(*_knobs())
+        out, lse = emu.attention(q, k, v, cu_q, cu_k, alibi, sink, *scalars)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, sink)
         ctx.scalars = scalars
         return out, lse
@@ -88,8 +89,9 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, alibi, sink = ctx.saved_tensors
+        emu.configure(*_knobs())
         dq, dk, dv, dsink = emu.attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
-                                                   alibi, sink, *ctx.scalars, *_knobs())
+                                                   alibi, sink, *ctx.scalars)
         return (dq, dk, dv, None, None, None, dsink if sink is not None else None) + \
             (None,) * len(ctx.scalars)
 

@@ -1,10 +1,10 @@
 // torch.ops.longattn_emu.attention / attention_backward: the SIMT kernels run on the CPU under
 // include/cuda_emu.h, with the registration's checks (attention_args.cpp) and the real
 // launchers (simt_forward.cuh, simt_backward.cuh: tile plans, launch sequence). Same schemas as
-// torch.ops.longattn plus `smem_limit` (the opt-in shared memory of the emulated device:
-// smaller values force smaller tiles) and `seed` (scheduling). Outputs are allocated with NaN
-// guard bands that must survive (no write out of bounds).
-// torch.ops.longattn_emu.configure sets both for the other emulated ops (units/*.cpp).
+// torch.ops.longattn. Outputs are allocated with NaN guard bands that must survive (no write
+// out of bounds). torch.ops.longattn_emu.configure sets the emulated device's `smem_limit` (its
+// opt-in shared memory: smaller values force smaller tiles) and `seed` (scheduling) for every
+// emulated op, these and the others (units/*.cpp).
 #include <dlfcn.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -69,15 +69,14 @@ void dispatch(at::ScalarType st, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_emu(const AttentionArgs& args, int64_t smem_limit,
-                                                 int64_t seed) {
+// The emulated device's shared-memory limit and CTA-order seed are set beforehand (configure).
+std::tuple<at::Tensor, at::Tensor> attention_emu(const AttentionArgs& args) {
   const at::Tensor& q = args.q;
   AttentionParams p = make_attention_params(args);
   const Guarded out = guarded_empty(q.sizes(), q.options());
   const Guarded lse = guarded_empty(lse_shape(args), q.options().dtype(lse_dtype(q)));
   p.out = out.view.data_ptr();
   p.lse = lse.view.data_ptr();
-  configure(smem_limit, seed);
   dispatch(q.scalar_type(), [&](auto tag) {
     check_launch(launch_simt_forward<decltype(tag)>(p, nullptr), "the forward");
   });
@@ -88,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> attention_emu(const AttentionArgs& args, int6
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(
     const AttentionArgs& args, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
-    const at::Tensor& out, const at::Tensor& lse, int64_t smem_limit, int64_t seed) {
+    const at::Tensor& out, const at::Tensor& lse) {
   const at::Tensor& q = args.q;
   AttentionParams p = make_attention_params(args);
   const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
@@ -109,7 +108,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_em
   const Guarded ws = guarded_empty({static_cast<int64_t>(g.workspace_bytes)}, q.options().dtype(at::kByte));
   ws.view.zero_();
   g.workspace = ws.view.data_ptr();
-  configure(smem_limit, seed);
   dispatch(q.scalar_type(), [&](auto tag) {
     check_launch(launch_simt_backward<decltype(tag)>(p, g, nullptr), "the backward");
   });
@@ -154,13 +152,13 @@ TORCH_LIBRARY(longattn_emu, m) {
       "attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? alibi_slopes, Tensor? sink_logits, float scale, float softcap, float logn_base, "
       "bool causal, int window_left, int window_right, int sinks, int? q_start, int k_start, "
-      "SymInt? max_seqlen_q, SymInt? max_seqlen_k, int smem_limit, int seed) -> (Tensor out, Tensor lse)");
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, "
       "Tensor? sink_logits, float scale, float softcap, float logn_base, bool causal, "
       "int window_left, int window_right, int sinks, int? q_start, int k_start, "
-      "SymInt? max_seqlen_q, SymInt? max_seqlen_k, int smem_limit, int seed) "
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
   m.def("plan(int head_dim, int elem_bytes, int smem_limit) -> int[]", &plan);
   m.def("configure(int smem_limit, int seed) -> ()", &configure);
@@ -168,7 +166,6 @@ TORCH_LIBRARY(longattn_emu, m) {
 }
 
 TORCH_LIBRARY_IMPL(longattn_emu, CPU, m) {
-  m.impl("attention", &attention_op<&attention_emu, int64_t, int64_t>);
-  m.impl("attention_backward",
-         &attention_backward_op<&attention_backward_emu, int64_t, int64_t>);
+  m.impl("attention", &attention_op<&attention_emu>);
+  m.impl("attention_backward", &attention_backward_op<&attention_backward_emu>);
 }
