@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -143,6 +143,25 @@ def _ninja_exe() -> str | None:
     return shutil.which("ninja")
 
 
+def _check_cxx20(env: dict) -> None:
+    """One clear message, not a CMake trace, when the C++ compiler cannot build C++20."""
+    cxx = env.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise SystemExit("longattn: no C++ compiler found (install g++ >= 10 or clang++ >= 12, "
+                         "or set CXX)")
+    with tempfile.TemporaryDirectory() as td:
+        src = os.path.join(td, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <concepts>\n#include <span>\n"
+                    "template <std::integral T> int f(std::span<T> s) { return int(s.size()); }\n"
+                    "int main() { int a[2]; return f(std::span<int>(a)); }\n")
+        r = subprocess.run([cxx, "-std=c++20", "-c", src, "-o", os.path.join(td, "probe.o")],
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"longattn: the C++ compiler {cxx} cannot compile C++20 (needs g++ >= 10 "
+                         f"or clang++ >= 12; set CXX to choose another):\n{r.stderr.strip()[-800:]}")
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -167,6 +186,7 @@ class CMakeBuild(build_ext):
         torch_cuda = torch.version.cuda or ""
 
         env = os.environ.copy()
+        _check_cxx20(env)
         cmake_args = [
             "-G", "Ninja",
             f"-DCMAKE_BUILD_TYPE={build_type}",
@@ -215,6 +235,15 @@ class CMakeBuild(build_ext):
         cutlass = _cutlass_dir()
         if cutlass:
             cmake_args.append(f"-DLONGATTN_CUTLASS_INCLUDE_DIR={cutlass}")
+        elif want_cuda and cuda_mode == "auto":
+            _log("no CUTLASS headers (pip install nvidia-cutlass, or LONGATTN_CUTLASS_DIR): "
+                 "building the CPU backend only")
+            want_cuda = False
+            cmake_args = [a for a in cmake_args if not a.startswith("-DLONGATTN_CUDA=")]
+            cmake_args.append("-DLONGATTN_CUDA=OFF")
+        elif want_cuda:
+            raise SystemExit("LONGATTN_CUDA=1 needs the CUTLASS/CuTe headers: pip install "
+                             "nvidia-cutlass, or set LONGATTN_CUTLASS_DIR")
 
         # Output: CMake links into <build>/out; we copy into setuptools' place. For
         # editable / --inplace builds CMake also copies into python/longattn after each
@@ -243,6 +272,11 @@ class CMakeBuild(build_ext):
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built[-1], dest)
+        # The torch this module was built against, readable without loading the module: a
+        # module built for another torch fails to load with an undefined symbol, and
+        # longattn/__init__.py names both versions instead (_C.torch_version is not tracked).
+        for d in {dest.parent, Path(inplace_dir)} - {Path("")}:
+            (d / "_C.torch_version").write_text(torch.__version__ + "\n")
         _log(f"module: {dest}")
 
     @staticmethod
@@ -255,8 +289,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages("python"),
-    package_dir={"": "python"},
     ext_modules=[CMakeExtension("longattn._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -12,6 +12,8 @@
 #   cuda-resources registers, stack frames and smem of every kernel of that build (cuobjdump)
 #   cutlass-carry  the CUTLASS/CuTe headers the CUDA build reaches, into .cutlass/ (for a GPU
 #                  machine without nvidia-cutlass or network)
+#   sdist          `python -m build --sdist`, then that archive built and installed into a fresh
+#                  venv (no source tree around it) and a smoke test run there
 #   gpu-rehearsal  the GPU machine's build without its GPU (Python 3.12, torch 2.11.0+cu130,
 #                  sm_90): bench/gpu_check.sh --dry-run, then the whole suite against that module
 # Needs the development venv and build (make build). Overridable: PYTHON, VENV, MAX_JOBS,
@@ -106,6 +108,28 @@ step_cuda-resources() {
   (cd /tmp && "$ROOT/.venv-cuda/bin/python" "$ROOT/tools/cuda_resources.py" ${RESOURCES_ARGS:---loops})
 }
 
+step_sdist() {
+  local dir=build/sdist
+  rm -rf "$dir/dist" "$dir/venv"
+  "$VPY" -m build --sdist --no-isolation --outdir "$dir/dist" .
+  bash tools/venv.sh "$dir/venv" "$PYTHON" requirements/main.txt
+  local venv_py=$ROOT/$dir/venv/bin/python
+  MAX_JOBS=$MAX_JOBS "$venv_py" -m pip install -q --disable-pip-version-check --no-build-isolation \
+    --no-deps "$dir"/dist/longattn-*.tar.gz
+  (cd /tmp && "$venv_py" - <<'PY'
+import importlib.metadata, torch, longattn
+q = torch.randn(1, 64, 2, 16)
+out = longattn.attention(q, q, q, causal=True, window=(15, 0), sinks=2)
+import longattn.reference as R
+torch.testing.assert_close(out, R.attention_ref(q, q, q, causal=True, window=(15, 0), sinks=2)[0].float(),
+                           rtol=1e-5, atol=1e-5)
+assert longattn.__file__.find("site-packages") >= 0, longattn.__file__
+assert importlib.metadata.version("longattn") == longattn.__version__
+print("sdist install ok:", longattn.__version__, longattn.build_info())
+PY
+  )
+}
+
 step_cutlass-carry() { "$VPY" bench/cutlass_carry.py; }
 
 step_gpu-rehearsal() {
@@ -128,7 +152,7 @@ step_gpu-rehearsal() {
     "${PYTEST_EXTRA[@]}" tests
 }
 
-[ $# -gt 0 ] || set -- emu kvpress cuda-build cuda-resources gpu-rehearsal
+[ $# -gt 0 ] || set -- emu kvpress sdist cuda-build cuda-resources gpu-rehearsal
 for s in "$@"; do
   if ! declare -F "step_$s" >/dev/null; then
     echo "verify: unknown step '$s' (see the header of tools/verify.sh)" >&2

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, _ops, _rope_ops, _kvcache_ops  # noqa: F401  (registers ops, fake kernels, autograd)
-from .attention import UNBOUNDED, attention, merge_attention, window_bounds
-from .dilated import dilated_attention
-from . import ring, rope, extend, kvcache
-from .ring import ring_attention
-from .rope import apply_rope
+from ._version import __version__
+from ._torch_check import load_extension
 
-__version__ = "0.1.0"
+_C = load_extension()
+from . import _ops, _rope_ops, _kvcache_ops  # noqa: E402,F401  (fake kernels, autograd)
+from .attention import UNBOUNDED, attention, merge_attention, window_bounds  # noqa: E402
+from .dilated import dilated_attention  # noqa: E402
+from . import ring, rope, extend, kvcache  # noqa: E402
+from .ring import ring_attention  # noqa: E402
+from .rope import apply_rope  # noqa: E402
 
 
 def build_info() -> dict:
