@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 namespace longattn {
 namespace {
@@ -22,14 +24,29 @@ void check_input(const at::Tensor& t, const char* name, const at::Tensor& q, int
                     t.strides());
 }
 
-void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t batch,
-                      const at::Tensor& q) {
+// The contents of cu_seqlens are checked (and max_seqlen derived) on the host. On a GPU that
+// is a copy and a synchronization per call, so there, as FlashAttention does, a call that gives
+// max_seqlen_q/k is trusted instead: the table is read only with LONGATTN_DEBUG_CHECKS=1 (read
+// once). Its metadata (dtype, shape, device) is always checked.
+bool debug_checks() {
+  static const bool on = [] {
+    const char* env = std::getenv("LONGATTN_DEBUG_CHECKS");
+    return env != nullptr && env[0] != '\0' && std::string(env) != "0";
+  }();
+  return on;
+}
+
+void check_cu_seqlens_meta(const at::Tensor& cu, const char* name, int64_t batch,
+                           const at::Tensor& q) {
   TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == batch + 1, name,
                     " must be 1-D of length batch + 1 = ", batch + 1, ", got shape ", cu.sizes());
   TORCH_CHECK_VALUE(cu.device() == q.device(), name, " is on ", cu.device(),
                     " but q is on ", q.device());
   TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t batch) {
   const at::Tensor host = cu.device().is_cpu() ? cu : cu.cpu();
   const int32_t* c = host.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
@@ -139,10 +156,19 @@ AttentionParams make_attention_params(const AttentionArgs& a) {
   if (varlen) {
     p.batch = a.cu_seqlens_q->numel() - 1;
     TORCH_CHECK_VALUE(p.batch >= 0, "cu_seqlens_q must have at least one element");
-    check_cu_seqlens(*a.cu_seqlens_q, "cu_seqlens_q", q.size(0), p.batch, q);
-    check_cu_seqlens(*a.cu_seqlens_k, "cu_seqlens_k", a.k.size(0), p.batch, q);
-    p.seqlen_q = max_len(*a.cu_seqlens_q);
-    p.seqlen_k = max_len(*a.cu_seqlens_k);
+    check_cu_seqlens_meta(*a.cu_seqlens_q, "cu_seqlens_q", p.batch, q);
+    check_cu_seqlens_meta(*a.cu_seqlens_k, "cu_seqlens_k", p.batch, q);
+    const bool trusted = !q.device().is_cpu() && a.max_seqlen_q && a.max_seqlen_k && !debug_checks();
+    if (trusted) {
+      // The bounds size the grid; each CTA reads its own sequence's length on the device.
+      p.seqlen_q = *a.max_seqlen_q;
+      p.seqlen_k = *a.max_seqlen_k;
+    } else {
+      check_cu_seqlens(*a.cu_seqlens_q, "cu_seqlens_q", q.size(0), p.batch);
+      check_cu_seqlens(*a.cu_seqlens_k, "cu_seqlens_k", a.k.size(0), p.batch);
+      p.seqlen_q = max_len(*a.cu_seqlens_q);
+      p.seqlen_k = max_len(*a.cu_seqlens_k);
+    }
     p.total_q = q.size(0);
     p.cu_seqlens_q = a.cu_seqlens_q->data_ptr<int32_t>();
     p.cu_seqlens_k = a.cu_seqlens_k->data_ptr<int32_t>();

@@ -65,6 +65,16 @@ class KVCache:
     def max_length(self) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
 
+    def _check_capacity(self, n: int) -> None:
+        if self.max_length() + n > self.capacity:
+            raise RuntimeError(f"KVCache.append: {n} new tokens on a head holding "
+                               f"{self.max_length()} exceed capacity {self.capacity}; call "
+                               f"grow() or compress the cache first")
+
+    def check(self) -> None:
+        """Raise if some head's length went past the capacity (reads the lengths: a host sync)."""
+        self._check_capacity(0)
+
     # -- writing --
     def _check_kv(self, name: str, t: torch.Tensor, n: Optional[int], dim: int) -> int:
         if not isinstance(t, torch.Tensor):
@@ -84,16 +94,16 @@ class KVCache:
         """Append ``n`` tokens: k ``(batch, kv_heads, n, head_dim)``, v likewise.
 
         ``positions`` ``(batch, n)`` or ``(n,)`` int (default: ``next_position + arange(n)``).
-        Each head writes after its own length. Raises RuntimeError when some head would exceed
-        the capacity (nothing is written). Returns the positions used, ``(batch, n)`` int64.
+        Each head writes after its own length. Returns the positions used, ``(batch, n)`` int64.
+        Past the capacity: on the CPU a RuntimeError, nothing written. On a GPU the lengths stay
+        on the device (no synchronization, so a decode step can be captured in a CUDA graph): a
+        head that overflows keeps its length past the capacity, which decode_attention answers
+        with NaN rows, and :meth:`check` raises.
         """
         n = self._check_kv("k", k, None, self.head_dim)
         self._check_kv("v", v, n, self.v.shape[-1])
-        need = self.max_length() + n
-        if need > self.capacity:
-            raise RuntimeError(f"KVCache.append: {n} new tokens on a head holding "
-                               f"{self.max_length()} exceed capacity {self.capacity}; call "
-                               f"grow() or compress the cache first")
+        if self.device.type == "cpu":
+            self._check_capacity(n)
         ar = torch.arange(n, device=self.device)
         if positions is None:
             pos = self.next_position[:, None] + ar
@@ -103,7 +113,9 @@ class KVCache:
             pos = positions.to(torch.int64).expand(self.batch, n) if positions.dim() <= 2 else None
             if pos is None or positions.shape[-1] != n:
                 raise ValueError(f"positions must be (batch, {n}) or ({n},), got {tuple(positions.shape)}")
-        idx = self.lengths.to(torch.int64)[..., None] + ar  # (B, H, n)
+        # Clamped: an overflowing head (GPU path) overwrites its last slot rather than memory
+        # past the buffer.
+        idx = (self.lengths.to(torch.int64)[..., None] + ar).clamp(max=max(self.capacity - 1, 0))
         self.k.scatter_(2, idx[..., None].expand(-1, -1, -1, self.head_dim), k)
         self.v.scatter_(2, idx[..., None].expand(-1, -1, -1, self.v.shape[-1]), v)
         self.positions.scatter_(2, idx, pos[:, None, :].expand(-1, self.kv_heads, -1))
