@@ -114,6 +114,20 @@ def _call(m: Measurement, device) -> float:
     return (time.perf_counter() - t0) / m.inner
 
 
+def _calibrate(m: Measurement, device, min_sample_s: float) -> float:
+    """Seconds per call, averaged over a loop of min_sample_s after another such loop: a single
+    call of a few microseconds is too noisy to size the batches by, and the first few calls of
+    a small op can take milliseconds (allocations, thread pools, tables)."""
+    for _ in range(2):
+        sync(device)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < min_sample_s:
+            m.fn()
+            n += 1
+        sync(device)
+    return (time.perf_counter() - t0) / n
+
+
 def measure_all(ms: list, device="cpu", budget_s: Optional[float] = None, min_reps: int = 1,
                 min_sample_s: float = 0.0, keep_going: bool = False,
                 progress: Optional[Callable[[str], None]] = None) -> list:
@@ -147,7 +161,8 @@ def measure_all(ms: list, device="cpu", budget_s: Optional[float] = None, min_re
                 raise
             m.error = ex
             continue
-        if not (m.reset or m.self_timed):
+        if min_sample_s > 0 and not (m.reset or m.self_timed):
+            est = _calibrate(m, device, min_sample_s)
             m.inner = inner_calls(est, min_sample_s)
             if m.inner > 1:
                 m.times.clear()  # a single call is not a rep of inner calls
