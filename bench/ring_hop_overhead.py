@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -64,10 +63,6 @@ class LocalComm(Comm):
             if m.src == self.rank:
                 payload(m)            # the copy a real send makes
         return [(m, self.inbox[m]) for m in msgs if m.dst == self.rank]   # nothing to complete
-
-
-def _median_ms(xs):
-    return 1e3 * statistics.median(xs)
 
 
 def _inbox(plan, msgs, k_shards, v_shards, acc_dtype):
@@ -140,7 +135,7 @@ def run_case(name, layout, opts, W, q, k, v, dout, reps):
         fns = dict(sf=single_fwd, cf=calls_fwd, rf=ring_fwd, sb=single_bwd, cb=calls_bwd,
                    rb=ring_bwd)
         measured = timing.compare(fns, reps, device.type)
-    ms = {key: _median_ms(m.times) for key, m in measured.items()}
+    ms = {key: 1e3 * m.median for key, m in measured.items()}
     n_calls = sum(len(c) for row in plan.calls for c in row)
     return dict(name=name, layout=layout, W=W, hops=plan.computed_hops, all_hops=plan.hops,
                 calls=n_calls, ms=ms, err=err)
