@@ -14,9 +14,10 @@ The eager baseline is what a transformers model runs per layer: angles from posi
 cat(freqs, freqs), cos/sin times attention_scaling, cast, ``x * cos + rotate_half(x) * sin``
 for q and k.
 
-Timed by bench/timing.py, the median of --quick 5 / 11 reps: on the CPU the implementations of a
-shape alternate round-robin, each rep a batch of calls lasting ~0.2 s / reps (a decode call takes
-microseconds); on CUDA do_bench (a flushed L2: no shape is served from the cache).
+Timed by bench/timing.py, the median of --quick 5 / 11 reps: on the CPU each rep a batch of calls
+lasting ~0.2 s / reps (a decode call takes microseconds); on CUDA do_bench (a flushed L2: no shape
+is served from the cache). Each implementation is timed on its own, not interleaved with the
+others (see medians()).
 """
 from __future__ import annotations
 
@@ -49,9 +50,13 @@ def hf_rope(q, k, positions, inv_freq, scaling: float):
 
 
 def medians(fns: dict, device, repeats) -> dict:
-    """{name: median seconds per call}; the first call of each is a warm-up (torch.compile)."""
-    ms = timing.compare(fns, repeats, device, extra_warmup=True, min_sample_s=MIN_TIME_S / repeats)
-    return {k: m.median for k, m in ms.items()}
+    """{name: median seconds per call}, one implementation after the other; the first call of
+    each is a warm-up (torch.compile). Not round-robin: an out-of-place call's cost is mostly the
+    first touch of its fresh output pages, and interleaved with the others it would at times be
+    handed the pages they just freed (up to 5x faster here), i.e. measure the allocator's state."""
+    return {k: timing.compare({k: f}, repeats, device, extra_warmup=True,
+                              min_sample_s=MIN_TIME_S / repeats)[k].median
+            for k, f in fns.items()}
 
 
 def main():
