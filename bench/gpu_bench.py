@@ -456,8 +456,9 @@ def details(result) -> str:
     out = ["| case | mode | impl | ms | TFLOP/s | reps | max diff vs longattn | note |",
            "|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
-        out.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {report.fmt(r.get('ms'), '{:.3f}')} | "
-                   f"{report.fmt(r.get('tflops'), '{:.1f}')} | {r.get('reps', '-')} | {report.fmt(r.get('diff'), '{:.2g}')} | "
+        ms, tflops, diff = (report.fmt(r.get(k), f) for k, f in (("ms", "{:.3f}"), ("tflops", "{:.1f}"),
+                                                                   ("diff", "{:.2g}")))
+        out.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {ms} | {tflops} | {r.get('reps', '-')} | {diff} | "
                    f"{r['note']} |")
     return "\n".join(out)
 
