@@ -13,6 +13,10 @@ on what the L2 cache holds and on launch queueing: each implementation is timed 
 with triton.testing.do_bench (L2 flushed before each call, CUDA events) when triton imports,
 else with the same procedure written out here; also when a call needs an untimed reset before
 it, which do_bench cannot interleave.
+
+Exceptions: bench_rope.py times its implementations one after the other (interleaved, an
+out-of-place call can reuse the pages another just freed); bench_attention.py is the
+pytest-benchmark suite, timed by pytest-benchmark (sync() after each call).
 """
 from __future__ import annotations
 
