@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cases as C  # noqa: E402
+import timing  # noqa: E402
 
 DEVICE = os.environ.get("LONGATTN_BENCH_DEVICE", "cpu")
 DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
@@ -60,7 +61,7 @@ def test_attention(benchmark, case, impl, mode):
 
     def timed():
         step()
-        C.synchronize(DEVICE)
+        timing.sync(DEVICE)
 
     benchmark.group = f"{case.name} {mode} ({case.mask_desc()}, {case.shape_desc()})"
     benchmark.extra_info.update(gflop=case.flops(mode) / 1e9, visible_fraction=case.density(),

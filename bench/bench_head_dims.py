@@ -5,35 +5,28 @@
 
 The tile GEMMs and the flash tiles depend on the head dim (the CPU GEMM's column blocking, the
 CUDA kernels' per-head-dim instantiations), so a head dim can be slow while the others are fine;
-this prints one row per head dim. Forward under no_grad and forward + backward; the timed calls
-of longattn and SDPA alternate (round-robin) so that load drift hits both alike, the median is
-reported, and `x sdpa` is the median of the per-round ratios (> 1: longattn faster). SDPA gets
-(B, H, L, D) views of the same (B, L, H, D) storage.
+this prints one row per head dim. Forward under no_grad and forward + backward, timed by
+bench/timing.py: on the CPU the calls of longattn and SDPA alternate (round-robin) so that load
+drift hits both alike, the median is reported, and `x sdpa` is the median of the per-round
+ratios (> 1: longattn faster); on CUDA each is timed with do_bench and `x sdpa` is the ratio of
+the medians. SDPA gets (B, H, L, D) views of the same (B, L, H, D) storage.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+sys.path.insert(0, HERE)
 import longattn  # noqa: E402
-
-
-def timed(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
+import core  # noqa: E402
+import timing  # noqa: E402
 
 
 def main() -> None:
@@ -73,14 +66,10 @@ def main() -> None:
             out.transpose(1, 2).backward(dout)
 
         for mode, a, b in (("fwd", ours_fwd, sdpa_fwd), ("fwd+bwd", ours_fb, sdpa_fb)):
-            a(), b()  # warm-up
-            ta, tb = [], []
-            for _ in range(args.reps):
-                ta.append(timed(a, args.device))
-                tb.append(timed(b, args.device))
-            ratio = statistics.median(y / x for x, y in zip(ta, tb))
-            print(f"| {D} | {mode} | {statistics.median(ta):.1f} | {statistics.median(tb):.1f} | {ratio:.2f}x |",
-                  flush=True)
+            m = timing.compare({"longattn": a, "sdpa": b}, args.reps, args.device)
+            ours, sdpa = m["longattn"], m["sdpa"]
+            print(f"| {D} | {mode} | {ours.median * 1e3:.1f} | {sdpa.median * 1e3:.1f} | "
+                  f"{core.ratio(sdpa, ours):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,18 @@ accumulation, memory of true per-head lengths.
 
     python bench/bench_kvcache.py [--quick] [--device cpu|cuda]
 
-Timings of the compared implementations are interleaved round-robin (the machine is shared,
-only ratios within one run mean anything); the median of the reps is reported. On CUDA each
-timed call is bracketed by synchronizations (wall clock of one call, launches included).
+Timed by bench/timing.py: on the CPU the calls of the compared implementations are interleaved
+round-robin (the machine is shared, only ratios within one run mean anything), the median of the
+reps is reported and a speedup is the median of the per-round ratios. On CUDA each is timed on
+its own with CUDA events and a flushed L2 (the destructive compactions get fresh copies before
+each call, untimed).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -21,35 +23,15 @@ import torch.nn.functional as F
 import longattn
 from longattn import kvcache as kvc
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import core  # noqa: E402
+import timing  # noqa: E402
+
 DEVICE = "cpu"
 
 
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(f) -> float:
-    sync()
-    t = time.perf_counter()
-    f()
-    sync()
-    return time.perf_counter() - t
-
-
-def interleaved(fns: dict, reps: int, reset=None) -> dict:
-    """Median time of each fn, round-robin; reset() (untimed) before every call."""
-    for f in fns.values():
-        if reset:
-            reset()
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            if reset:
-                reset()
-            times[k].append(timed(f))
-    return {k: statistics.median(v) for k, v in times.items()}
+def ms(m) -> float:
+    return m.median * 1e3
 
 
 def bench_compaction(B, H, C, D, keep_frac, dtype, reps):
@@ -78,11 +60,11 @@ def bench_compaction(B, H, C, D, keep_frac, dtype, reps):
         s2 = scores.gather(2, keep).contiguous()
         return k2, v2, p2, s2
 
-    res = interleaved({"compact_": ours, "gather": gather}, reps, reset)
+    res = timing.compare({"compact_": ours, "gather": gather}, reps, DEVICE, reset=reset)
     moved = 2 * 2 * B * H * n * D * k.element_size()  # read + write of the kept K and V rows
     print(f"compaction B={B} H={H} C={C} D={D} keep={n} {str(dtype)[6:]}: "
-          + "  ".join(f"{name} {s*1e3:.2f} ms ({moved/s/1e9:.1f} GB/s)" for name, s in res.items())
-          + f"  speedup {res['gather']/res['compact_']:.2f}x")
+          + "  ".join(f"{name} {ms(m):.2f} ms ({moved / m.median / 1e9:.1f} GB/s)" for name, m in res.items())
+          + f"  speedup {core.ratio(res['gather'], res['compact_']):.2f}x")
 
 
 def bench_shift(B, H, C, D, n_sink, n_recent, dtype, reps):
@@ -115,10 +97,11 @@ def bench_shift(B, H, C, D, n_sink, n_recent, dtype, reps):
         kvc.compact_rerotate_(state["k"], state["v"], state["l"], keep, counts, state["p"],
                               inv_freq)
 
-    res = interleaved({"compact_rerotate_": fused, "compact_+rerotate_keys": unfused}, reps, reset)
+    res = timing.compare({"compact_rerotate_": fused, "compact_+rerotate_keys": unfused}, reps, DEVICE,
+                        reset=reset)
     print(f"shift B={B} H={H} C={C} D={D} keep {n_sink}+{n_recent} {str(dtype)[6:]}: "
-          + "  ".join(f"{name} {t*1e3:.2f} ms" for name, t in res.items())
-          + f"  speedup {res['compact_+rerotate_keys']/res['compact_rerotate_']:.2f}x")
+          + "  ".join(f"{name} {ms(m):.2f} ms" for name, m in res.items())
+          + f"  speedup {core.ratio(res['compact_+rerotate_keys'], res['compact_rerotate_']):.2f}x")
 
 
 def bench_decode(B, Hq, Hkv, C, D, dtype, reps):
@@ -146,13 +129,13 @@ def bench_decode(B, Hq, Hkv, C, D, dtype, reps):
     def sdpa():
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-    res = interleaved(dict(ours_scores=ours, sdpa_eager_scores=sdpa_eager_scores,
-                           ours=ours_plain, sdpa=sdpa), reps)
+    res = timing.compare(dict(ours_scores=ours, sdpa_eager_scores=sdpa_eager_scores,
+                              ours=ours_plain, sdpa=sdpa), reps, DEVICE)
     gb = 2 * k.numel() * k.element_size() / 1e9
     print(f"decode B={B} Hq={Hq} Hkv={Hkv} C={C} D={D} {str(dtype)[6:]}: "
-          + "  ".join(f"{n} {t*1e3:.2f} ms" for n, t in res.items())
-          + f"  | with scores {res['sdpa_eager_scores']/res['ours_scores']:.2f}x, "
-          f"plain {res['sdpa']/res['ours']:.2f}x; ours {gb/res['ours']:.1f} GB/s of K+V")
+          + "  ".join(f"{n} {ms(m):.2f} ms" for n, m in res.items())
+          + f"  | with scores {core.ratio(res['sdpa_eager_scores'], res['ours_scores']):.2f}x, "
+          f"plain {core.ratio(res['sdpa'], res['ours']):.2f}x; ours {gb / res['ours'].median:.1f} GB/s of K+V")
 
 
 def memory_per_head(B, H, D, C, budgets):

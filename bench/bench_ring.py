@@ -5,8 +5,9 @@
     python bench/bench_ring.py --plan-only           # just the schedule table (no timing)
 
 Each rank gets cores / world torch threads; the single-process baseline runs on rank 0 with all
-the cores while the other ranks wait. Ring and baseline repetitions alternate, so load drift on
-a shared machine hits both alike; the median is reported. A ring time is the slowest rank's.
+the cores while the other ranks wait. Ring and baseline repetitions alternate round-robin
+(bench/timing.py, after a warm-up call of each), so load drift on a shared machine hits both
+alike; the median is reported. A ring time is the slowest rank's.
 ratio = ring / single: 1.0 means the ring costs what one process with the same cores costs;
 above 1 is communication, merging, per-hop overhead and load imbalance not hidden by the
 overlap. "blocked in waits" is the time the slowest rank spent waiting for
@@ -34,6 +35,9 @@ import longattn
 from longattn import ring
 from longattn.ring.comm import Comm
 from longattn.ring.compute import Accumulator, Kernel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
 
 CASES = [
     # name, layout, mode, options
@@ -127,9 +131,7 @@ def _worker(rank, world, store, args):
             # the slowest rank's time and its time blocked in waits
             dist.barrier()
             waited[0] = 0.0
-            t0 = time.perf_counter()
-            fn()
-            both = torch.tensor([time.perf_counter() - t0, waited[0]], dtype=torch.float64)
+            both = torch.tensor([timing.wall(fn), waited[0]], dtype=torch.float64)
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
             ring_waits.append(both[1].item())
             return both[0].item()
@@ -139,25 +141,27 @@ def _worker(rank, world, store, args):
             dt = 0.0
             if rank == 0:
                 torch.set_num_threads(cores)
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
+                dt = timing.wall(fn)
                 torch.set_num_threads(max(1, cores // world))
             dist.barrier()
             return dt
 
-        times = {key: [] for key in ("rf", "sf", "rb", "sb", "cf", "wf")}
-        ring_waits = []
-        for rep in range(args.reps + 1):          # the first round is a warm-up
-            pairs = (("rf", timed_ring, ring_fwd), ("sf", timed_single, single_fwd),
-                     ("cf", timed_ring, compute_only),
-                     ("rb", timed_ring, ring_fwd_bwd), ("sb", timed_single, single_fwd_bwd))
-            for key, timer, fn in pairs:
-                dt = timer(fn)
-                if rep:
-                    times[key].append(dt)
-                    if key == "rf":
-                        times["wf"].append(ring_waits[-1])
+        ring_waits, rf_waits = [], []
+
+        def rf():
+            dt = timed_ring(ring_fwd)
+            rf_waits.append(ring_waits[-1])
+            return dt
+
+        fns = dict(rf=rf, sf=lambda: timed_single(single_fwd), cf=lambda: timed_ring(compute_only),
+                   rb=lambda: timed_ring(ring_fwd_bwd), sb=lambda: timed_single(single_fwd_bwd))
+        # self-timed (barriers, the slowest rank's time); a fixed count, so that every rank
+        # makes the same calls in the same order
+        measured = [timing.Measurement(fn, name=key, max_reps=args.reps, self_timed=True)
+                    for key, fn in fns.items()]
+        timing.measure_all(measured)
+        times = {m.name: m.times for m in measured}
+        times["wf"] = rf_waits[1:]  # the first was the warm-up's
         ms = {key: _median_ms(x) for key, x in times.items()}
         rows.append((name, layout, mode, ms, p))
     if rank == 0:

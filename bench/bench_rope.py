@@ -13,19 +13,27 @@ gradient), in GB/s of those three passes.
 The eager baseline is what a transformers model runs per layer: angles from positions in fp32,
 cat(freqs, freqs), cos/sin times attention_scaling, cast, ``x * cos + rotate_half(x) * sin``
 for q and k.
+
+Timed by bench/timing.py, the median of --quick 5 / 11 reps: on the CPU each rep a batch of calls
+lasting ~0.2 s / reps (a decode call takes microseconds); on CUDA do_bench (a flushed L2: no shape
+is served from the cache). Each implementation is timed on its own, not interleaved with the
+others (see medians()).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+sys.path.insert(0, HERE)
 import longattn  # noqa: E402
+import timing  # noqa: E402
+
+MIN_TIME_S = 0.2  # timed calls per implementation and shape, about
 
 
 def rotate_half(x):
@@ -41,25 +49,14 @@ def hf_rope(q, k, positions, inv_freq, scaling: float):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def timeit(fn, device, repeats, min_time=0.2):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < min_time / 4:  # size the inner loop to ~min_time/repeats
-        fn()
-        n += 1
-    sync()
-    inner = max(1, int(n * 4 / repeats))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync()
-        times.append((time.perf_counter() - t) / inner)
-    return statistics.median(times)
+def medians(fns: dict, device, repeats) -> dict:
+    """{name: median seconds per call}, one implementation after the other; the first call of
+    each is a warm-up (torch.compile). Not round-robin: an out-of-place call's cost is mostly the
+    first touch of its fresh output pages, and interleaved with the others it would at times be
+    handed the pages they just freed (up to 5x faster here), i.e. measure the allocator's state."""
+    return {k: timing.compare({k: f}, repeats, device, extra_warmup=True,
+                              min_sample_s=MIN_TIME_S / repeats)[k].median
+            for k, f in fns.items()}
 
 
 def main():
@@ -105,19 +102,18 @@ def main():
     # Every compiled baseline after every other measurement: on CPU, inductor's kernels bring
     # their own OpenMP thread pool, whose spinning workers slow any later parallel region.
     for label, q, k, pos, rinv, res in cases:
-        res["longattn"] = timeit(lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling),
-                                 dev, repeats)
-        res["inplace"] = timeit(lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling,
-                                                            inplace=True), dev, repeats)
-        res["eager"] = timeit(lambda: hf_rope(q, k, pos, rinv, scaling), dev, repeats)
-        res["bwd+freq"] = timeit(lambda: torch.ops.longattn.rope_backward(
-            q, k, q, k, pos, rinv, scaling, rinv.numel() * 2, False, False, True), dev, repeats)
+        fns = {"longattn": lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling),
+               "inplace": lambda: longattn.apply_rope(q, k, pos, rinv, attention_scaling=scaling, inplace=True),
+               "eager": lambda: hf_rope(q, k, pos, rinv, scaling),
+               "bwd+freq": lambda: torch.ops.longattn.rope_backward(
+                   q, k, q, k, pos, rinv, scaling, rinv.numel() * 2, False, False, True)}
         if dev == "cuda":
-            res["copy"] = timeit(lambda: (q.clone(), k.clone()), dev, repeats)
+            fns["copy"] = lambda: (q.clone(), k.clone())
+        res.update(medians(fns, dev, repeats))
     if not args.no_compile:
         compiled = torch.compile(hf_rope, dynamic=False)
         for label, q, k, pos, rinv, res in cases:
-            res["compiled"] = timeit(lambda: compiled(q, k, pos, rinv, scaling), dev, repeats)
+            res.update(medians({"compiled": lambda: compiled(q, k, pos, rinv, scaling)}, dev, repeats))
     for label, q, k, pos, rinv, res in cases:
         nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
         gbs = {kk: nbytes / t / 1e9 for kk, t in res.items()}

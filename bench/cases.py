@@ -584,7 +584,7 @@ def build(impl: str, case: Case, **opts) -> Runner:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs, timing helpers
+# Inputs and steps (timed by bench/timing.py)
 # ----------------------------------------------------------------------------------------------
 def make_inputs(case: Case, device="cpu", dtype=torch.float32, seed: int = 0):
     """q, k, v in (B, L, H, D) and a fixed output gradient, all contiguous."""
@@ -613,18 +613,6 @@ def make_step(runner: Runner, mode: str, q, k, v, do) -> Callable:
     step.leaves = (qg, kg, vg)
     return step
 
-
-def synchronize(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_call(step: Callable, device="cpu") -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    step()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------

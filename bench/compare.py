@@ -9,22 +9,16 @@
     python bench/compare.py --device cuda       # bf16, L = 4K/16K/64K, head dim 64/128
 
 Each (case, impl, mode) is warmed up (FlexAttention: first call compiles, timed separately), then
-timed as the median of up to --reps calls (fewer when one call is slow, see --time-budget) with
-time.perf_counter. Shared machine: absolute times drift, compare the ratios within one run.
-Writes <out>/results.json and <out>/compare.png.
+timed as the median of up to --reps calls (fewer when one call is slow, see --time-budget); the
+calls of all implementations of a case are interleaved round-robin (bench/timing.py; on CUDA
+triton's do_bench). Shared machine: absolute times drift, compare the ratios within one run.
+Writes <out>/results.json, <out>/results.md and <out>/compare.png.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import math
 import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 
@@ -32,6 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cases as C  # noqa: E402
+import core  # noqa: E402
+import report  # noqa: E402
+import runinfo  # noqa: E402
+from correctness import check  # noqa: E402
+from plot import plot  # noqa: E402
 
 # Performance targets (from the issue), checked when their cases are in the run.
 # (label, case, mode, kind, other, threshold): kind "speedup" = other_ms / longattn_ms >= threshold;
@@ -62,88 +61,6 @@ TARGETS = [
 
 
 # ----------------------------------------------------------------------------------------------
-def machine_info(device: str) -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            fl = next((ln for ln in f if ln.startswith("flags")), "")
-        flags = " ".join(x for x in ("avx2", "fma", "avx512f") if f" {x}" in fl)
-    except OSError:
-        pass
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host_cpu": cpu,
-        "cpu_flags": flags,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "longattn": C.longattn_build_info(),
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-    }
-    try:
-        info["loadavg"] = " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or "none"
-    except Exception:  # noqa: BLE001
-        info["git"] = "?"
-    return info
-
-
-class Entry:
-    """One (case, impl, mode) measurement inside an interleaved group."""
-
-    def __init__(self, case, impl, mode, step, max_reps, extra_warmup):
-        self.case, self.impl, self.mode, self.step = case, impl, mode, step
-        self.max_reps, self.extra_warmup = max_reps, extra_warmup
-        self.times, self.first, self.error, self.n = [], None, None, 0
-
-
-def measure_group(entries, device, time_budget, bar=None):
-    """Warm up every entry with one call (FlexAttention compiles in it; its second call, timed, gives the
-    estimate), then time them round-robin, rotating the start, so drift on a shared machine hits all
-    alike. Each entry gets min(max_reps, time_budget / estimated call time) reps, at least one."""
-    for e in entries:
-        if bar:
-            bar.set_postfix_str(f"{e.case.name} {e.impl} {e.mode} warm-up")
-        try:
-            e.first = C.time_call(e.step, device)
-            est = e.first
-            if e.extra_warmup:  # the first call compiled: time one warm call, it counts as a rep
-                est = C.time_call(e.step, device)
-                e.times.append(est)
-        except Exception as ex:  # noqa: BLE001  (record and go on: one failure must not lose the run)
-            msg = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
-            e.error = f"error: {type(ex).__name__}: {msg[:160]}"
-            continue
-        e.n = max(1, min(e.max_reps, int(time_budget / max(est, 1e-6))))
-    live = [e for e in entries if e.error is None]
-    rnd = 0
-    while any(len(e.times) < e.n for e in live):
-        todo = [e for e in live if len(e.times) < e.n]
-        k = rnd % len(todo)
-        for e in todo[k:] + todo[:k]:
-            if bar:
-                bar.set_postfix_str(f"{e.case.name} {e.impl} {e.mode} rep {len(e.times) + 1}/{e.n}")
-            e.times.append(C.time_call(e.step, device))
-        rnd += 1
-
-
 def groups_of(cases):
     """Cases measured together: a case with relative_to joins the group of that case."""
     names = {c.name: c for c in cases}
@@ -156,10 +73,6 @@ def groups_of(cases):
             where[c.name] = len(groups)
             groups.append([c])
     return groups
-
-
-def fmt_ms(ms):
-    return "-" if ms is None else (f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}")
 
 
 def run(args) -> dict:
@@ -182,8 +95,7 @@ def run(args) -> dict:
             sys.exit(f"error: {e}\n  build/install it first (pip install -e . in the repo), or measure the "
                      f"baselines alone with --impls sdpa,flex")
 
-    info = machine_info(device)
-    info["dtype"] = str(dtype).replace("torch.", "")
+    info = runinfo.collect(device, dtype)
     print(f"# longattn benchmark  {info['date']}")
     print(f"machine: {info['host_cpu']} ({info['cpu_flags']}), {info['logical_cpus']} logical CPUs, "
           f"torch threads {info['torch_threads']}, load {info.get('loadavg', '?')}"
@@ -240,23 +152,17 @@ def run(args) -> dict:
                     else:
                         rec.update(note=runner.note, setup_s=round(runner.setup_s, 3))
                         reps = min(args.reps, case.max_reps or args.reps)
-                        entries.append(Entry(case, impl, mode, C.make_step(runner, mode, q, k, v, do), reps,
-                                             extra_warmup=(impl == "flex")))
+                        entries.append(core.Entry(rec, C.make_step(runner, mode, q, k, v, do), case.flops(mode),
+                                                  reps, extra_warmup=(impl == "flex")))
                         continue
                     bar and bar.update(1)
-            measure_group(entries, device, args.time_budget, bar)
+            core.measure(entries, device, args.time_budget, core.CPU_FIELDS,
+                         progress=bar.set_postfix_str if bar else None)
             for e in entries:
-                rec = recs[e.case.name, e.impl]
-                if e.error:
-                    rec["note"] = e.error
-                else:
-                    med = statistics.median(e.times)
-                    rec.update(ms=med * 1e3, min_ms=min(e.times) * 1e3,
-                               times_ms=[round(t * 1e3, 3) for t in e.times], reps=len(e.times),
-                               first_call_s=round(e.first, 3), gflops=e.case.flops(mode) / med / 1e9)
-                    if e.impl == "flex":
-                        rec["compile_s"] = round(max(0.0, e.first - med), 2)
-                        rec["note"] += f"; compile {rec['compile_s']:.1f} s, mask {rec['setup_s']:.1f} s"
+                rec = e.rec
+                if rec["ms"] is not None and rec["impl"] == "flex":
+                    rec["compile_s"] = round(max(0.0, rec["first_call_s"] - rec["ms"] / 1e3), 2)
+                    rec["note"] += f"; compile {rec['compile_s']:.1f} s, mask {rec['setup_s']:.1f} s"
                 bar and bar.update(1)
             del entries
             gc.collect()
@@ -266,13 +172,8 @@ def run(args) -> dict:
         bar.close()
     wall = time.perf_counter() - t_start
 
-    # speedup of longattn vs each impl, per (case, mode): the median over rounds of the paired ratio
-    # impl_time / longattn_time (reps of one round ran back to back, so drift cancels)
-    la = {(r["case"], r["mode"]): r for r in records if r["impl"] == "longattn" and r["ms"]}
-    for r in records:
-        ref = la.get((r["case"], r["mode"]))
-        r["longattn_speedup"] = paired_ratio(r, ref)
-
+    core.set_speedups(records)
+    best = core.best_alternatives(records)
     targets = evaluate_targets(records, cases)
     result = dict(meta=info, wall_s=round(wall, 1),
                   flop_convention="forward = 4*D*visible_pairs (summed over B,H); fwd+bwd = 3.5x forward "
@@ -281,17 +182,8 @@ def run(args) -> dict:
                               visible_pairs=c.visible_pairs(), density=c.density(),
                               work_reduction_vs_causal=c.causal_pairs() / c.visible_pairs(),
                               desc=c.desc) for c in cases],
-                  records=records, targets=targets)
+                  records=records, targets=targets, best_alternatives=best)
     return result
-
-
-def paired_ratio(num, den):
-    """Median over rounds of num_time / den_time for two interleaved measurements (None if missing)."""
-    if not num or not den or not num.get("ms") or not den.get("ms"):
-        return None
-    pairs = [a / b for a, b in zip(num["times_ms"], den["times_ms"])]
-    # with fewer than 3 pairs (a slow baseline timed once) one pair is fragile: ratio of the medians
-    return statistics.median(pairs) if len(pairs) >= 3 else num["ms"] / den["ms"]
 
 
 def evaluate_targets(records, cases):
@@ -303,12 +195,12 @@ def evaluate_targets(records, cases):
             continue
         a = recs.get((case, mode, "longattn"))
         if kind == "speedup":
-            val = paired_ratio(recs.get((case, mode, other)), a)
+            val = core.paired_ratio(recs.get((case, mode, other)), a)
             txt = None if val is None else f"longattn {val:.2f}x faster" if val >= 1 else f"longattn {1 / val:.2f}x slower"
             ok = None if (val is None or thr is None) else val >= thr
             goal = f">= {thr:g}x" if thr else "report"
         elif kind == "relative":
-            val = paired_ratio(a, recs.get((other, mode, "longattn")))
+            val = core.paired_ratio(a, recs.get((other, mode, "longattn")))
             txt = None if val is None else f"{val:.3f}x the window's cost"
             ok = None if (val is None or thr is None) else val <= thr
             goal = f"<= {thr:g}x"
@@ -333,18 +225,12 @@ def print_table(result, file=sys.stdout):
         for mode in C.MODES:
             for r in [r for r in recs if r["case"] == c["name"] and r["mode"] == mode]:
                 sp = r.get("longattn_speedup")
-                rows.append((c["name"] if first else "", mode, r["impl"], fmt_ms(r["ms"]),
+                rows.append((c["name"] if first else "", mode, r["impl"], report.fmt_ms(r["ms"]),
                              "-" if r.get("gflops") is None else f"{r['gflops']:.1f}",
                              "-" if sp is None else f"{sp:.2f}x", r.get("note", "")))
                 first = False
-    widths = [max(len(str(x[i])) for x in rows + [hdr]) for i in range(len(hdr) - 1)]
-
-    def line(x):
-        return "| " + " | ".join(str(v).ljust(w) for v, w in zip(x[:-1], widths)) + " | " + str(x[-1]) + " |"
-    print(line(hdr), file=file)
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|---|", file=file)
-    for r in rows:
-        print(line(r), file=file)
+    for line in report.markdown_table(hdr, rows, free_last=True):
+        print(line, file=file)
     print(file=file)
     print("Cases:", file=file)
     for c in cases:
@@ -357,6 +243,9 @@ def print_table(result, file=sys.stdout):
         for t in result["targets"]:
             mark = {True: "PASS", False: "MISS", None: "    "}[t["ok"]]
             print(f"- [{mark}] {t['label']} ({t['mode']}): {t['text']}  (goal {t['goal']})", file=file)
+    best = core.best_alternative_lines(result.get("best_alternatives", []))
+    if best:
+        print("\n" + "\n".join(best), file=file)
     comp = [r for r in recs if r.get("compile_s") is not None]
     if comp:
         print("\nFlexAttention first call (compile + one run) / BlockMask build:", file=file)
@@ -364,109 +253,6 @@ def print_table(result, file=sys.stdout):
             print(f"- {r['case']} {r['mode']}: first call {r['first_call_s']:.1f} s "
                   f"(compile ~{r['compile_s']:.1f} s), block mask {r['setup_s']:.1f} s", file=file)
     print(f"\nwall time {result['wall_s']:.0f} s", file=file)
-
-
-def plot(result, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not available: no plot", file=sys.stderr)
-        return False
-    recs = [r for r in result["records"] if r.get("gflops")]
-    if not recs:
-        return False
-    impls = [i for i in C.IMPLS if any(r["impl"] == i for r in recs)]
-    colors = {"longattn": "tab:red", "sdpa": "tab:blue", "flex": "tab:green"}
-    modes = [m for m in C.MODES if any(r["mode"] == m for r in recs)]
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, 1.6 * len(result["cases"]) + 3), 4.2 * len(modes)),
-                             squeeze=False)
-    for ax, mode in zip(axes[:, 0], modes):
-        names = [c["name"] for c in result["cases"] if any(r["case"] == c["name"] and r["mode"] == mode for r in recs)]
-        here = [i for i in impls if any(r["impl"] == i and r["mode"] == mode for r in recs)]
-        width = 0.8 / len(here)
-        for j, impl in enumerate(here):
-            xs, ys = [], []
-            for i, n in enumerate(names):
-                r = next((r for r in recs if r["case"] == n and r["mode"] == mode and r["impl"] == impl), None)
-                if r:
-                    xs.append(i + (j - (len(here) - 1) / 2) * width)
-                    ys.append(r["gflops"])
-            bars = ax.bar(xs, ys, width, label=impl, color=colors.get(impl))
-            for b, y in zip(bars, ys):
-                ax.annotate(f"{y:.0f}" if y >= 10 else f"{y:.1f}", (b.get_x() + b.get_width() / 2, y),
-                            ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("GFLOP/s (visible area)")
-        ax.set_title(f"{mode}: higher is better")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", which="both", alpha=0.3)
-    m = result["meta"]
-    fig.suptitle(f"longattn vs SDPA vs FlexAttention - {m['host_cpu']}, {m['torch_threads']} threads, "
-                 f"{m['dtype']}, torch {m['torch']}, {m['date'][:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-def check(cases, impls, device, dtype, args) -> bool:
-    """Each impl vs the fp64 literal reference on a scaled-down copy of each case (out and grads)."""
-    tol = 2e-4 if dtype == torch.float32 else 3e-2
-    ok = True
-    print(f"Correctness check at L={args.check_L} (fp64 reference; tolerance {tol:g} max abs):")
-    opts = dict(device=device, dtype=dtype, mask_budget_gib=args.mask_budget_gib, max_dense_gflop=1e18,
-                layout=args.baseline_layout)
-    for case in cases:
-        small = C.scaled_case(case, args.check_L)
-        q, k, v, do = C.make_inputs(small, device, dtype, seed=1)
-        qr, kr, vr = (x.detach().double().cpu().requires_grad_(True) for x in (q, k, v))
-        ref = C.reference(small, qr, kr, vr)
-        ref.backward(do.double().cpu())
-        gref = [x.grad for x in (qr, kr, vr)]
-        if "flex" in impls:  # the analytic BlockMask must equal torch's create_block_mask
-            from torch.nn.attention.flex_attention import create_block_mask
-            mine = C.make_block_mask(small, device=device)
-            theirs = create_block_mask(C.make_mask_mod(small), None, small.H if small.family == "dilated" else None,
-                                       small.L, small.L, device=device)
-            same = torch.equal(mine.to_dense().expand_as(theirs.to_dense()), theirs.to_dense()) and torch.equal(
-                mine.full_kv_num_blocks.expand_as(theirs.full_kv_num_blocks), theirs.full_kv_num_blocks)
-            print(f"  {small.name:32s} {'blockmask':9s} " + ("same as create_block_mask" if same else "DIFFERS FAIL"))
-            ok = ok and same
-        for impl in impls:
-            try:
-                runner = C.build(impl, small, **opts)
-            except C.Skip as e:
-                print(f"  {small.name:32s} {impl:9s} skipped: {e}")
-                continue
-            msgs = []
-            for mode in small.modes:
-                if mode in runner.skip:
-                    continue
-                step = C.make_step(runner, mode, q, k, v, do)
-                try:
-                    out = step()
-                except Exception as e:  # noqa: BLE001
-                    msgs.append(f"{mode} error {type(e).__name__}: {str(e)[:100]}")
-                    ok = False
-                    continue
-                err = (out.double().cpu() - ref.detach()).abs().max().item()
-                good = err <= tol
-                if mode == C.FWDBWD:
-                    gerr = max((g.double().cpu() - gr).abs().max().item() / max(1.0, gr.abs().max().item())
-                               for g, gr in zip((x.grad for x in step.leaves), gref))
-                    good = good and gerr <= 5 * tol
-                    msgs.append(f"{mode} out {err:.1e} grad {gerr:.1e}" + ("" if good else " FAIL"))
-                else:
-                    msgs.append(f"{mode} out {err:.1e}" + ("" if good else " FAIL"))
-                ok = ok and good
-            print(f"  {small.name:32s} {impl:9s} " + "; ".join(msgs), flush=True)
-    print("check:", "OK" if ok else "FAILED", "\n", flush=True)
-    return ok
 
 
 def main(argv=None):
@@ -507,12 +293,10 @@ def main(argv=None):
         sys.exit("error: --device cuda but torch.cuda.is_available() is False")
 
     if args.report:  # re-render a saved run (recomputing the ratios and targets)
-        with open(args.report) as f:
-            result = json.load(f)
+        result = report.read_json(args.report)
         recs = result["records"]
-        la = {(r["case"], r["mode"]): r for r in recs if r["impl"] == "longattn" and r.get("ms")}
-        for r in recs:
-            r["longattn_speedup"] = paired_ratio(r, la.get((r["case"], r["mode"])))
+        core.set_speedups(recs)
+        result["best_alternatives"] = core.best_alternatives(recs)
         names = [argparse.Namespace(name=c["name"]) for c in result["cases"]]
         result["targets"] = evaluate_targets(recs, names)
     else:
@@ -521,8 +305,7 @@ def main(argv=None):
     print_table(result)
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, "results.json")
-    with open(jpath, "w") as f:
-        json.dump(result, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+    report.write_json(jpath, result)
     mpath = os.path.join(args.out, "results.md")
     with open(mpath, "w") as f:  # the same report, ready to paste into bench/RESULTS.md
         m = result["meta"]

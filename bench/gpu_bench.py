@@ -26,11 +26,14 @@ Implementations:
   flex         torch.compile(flex_attention) with an analytic BlockMask (128 x 128 blocks)
   flash_attn   flash_attn_func (window_size) when the package imports; no sinks/dilation
 
-Measurement: one warm-up call (FlexAttention compiles in it), then timed calls (CUDA events
-around each, the L2 flushed before each by zeroing 256 MiB), as many as fit in --target-ms,
-between --min-reps and --max-reps; the median is reported (METHOD.md: do_bench-style). TFLOP/s
-count only the visible (query, key) pairs (FA2 convention: fwd+bwd = 3.5 x forward). Each
-measured output is compared with longattn's (max |diff|, the `diff` column of the CSV).
+Measurement (bench/timing.py): one warm-up call (FlexAttention compiles in it), then timed calls
+with triton.testing.do_bench (CUDA events around each, the L2 flushed before each by zeroing
+256 MiB; the same by hand without triton), as many as fit in --target-ms, between --min-reps and
+--max-reps (do_bench sizes the count from its own estimate, so the bounds are approximate there);
+the median is reported. On the CPU (--smoke) the calls are timed with the CPU method of
+bench/timing.py. TFLOP/s count only the visible (query, key) pairs (FA2 convention: fwd+bwd =
+3.5 x forward). Each measured output is compared with longattn's (max |diff|, the `diff` column
+of the CSV).
 
 The time budget: jobs run in priority order (the issue's target cases first: L = 16K, hd 128;
 then the other shapes, L = 64K dense causal last among them; then flash-vs-simt; then
@@ -42,28 +45,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import datetime
-import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cases as C  # noqa: E402
+import core  # noqa: E402
+import report  # noqa: E402
+import runinfo  # noqa: E402
+import timing  # noqa: E402
 
 BACKEND_ENV = "LONGATTN_CUDA_BACKEND"
 IMPLS = ("longattn", "flash", "simt", "sdpa", "sdpa_cudnn", "flex", "flash_attn")
+BACKENDS = ("flash", "simt")  # longattn itself with a forced backend, not an alternative to it
 FAMILIES = ("causal", "window_short", "window_long", "lambda", "dilated")
 
 
@@ -188,46 +190,8 @@ def build_impl(impl: str, case, device, dtype, args) -> Impl:
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing
+# Inputs
 # ----------------------------------------------------------------------------------------------
-class Timer:
-    """CUDA events around each call with the L2 flushed before it; perf_counter on CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if self.cuda else None
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def once(self, fn) -> float:
-        if not self.cuda:
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
-        self.flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3
-
-    def measure(self, fn, target_s: float, min_reps: int, max_reps: int):
-        """(first call seconds, [timed seconds])."""
-        self.sync()
-        t = time.perf_counter()
-        fn()
-        self.sync()
-        first = time.perf_counter() - t
-        times = [self.once(fn)]
-        n = max(min_reps, min(max_reps, int(target_s / max(times[0], 1e-6))))
-        while len(times) < n:
-            times.append(self.once(fn))
-        return first, times
-
-
 def make_inputs(case, device, dtype, seed=0):
     """q, k, v, dout (B, L, H, D) drawn on the device (fresh random data, never zeros)."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -242,9 +206,8 @@ def matmul_ceiling(device, dtype) -> Optional[float]:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    tm = Timer(device)
-    _, ts = tm.measure(lambda: a @ b, 0.2, 5, 30)
-    return 2 * n ** 3 / statistics.median(ts) / 1e12
+    m = timing.measure(lambda: a @ b, device, budget_s=0.2, min_reps=5, max_reps=30)
+    return 2 * n ** 3 / m.median / 1e12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +244,7 @@ def plan(cases, impls, modes, headline_L, headline_D, backends_max_L) -> list:
     add(0, head, base)
     add(1, rest, base)
     add(2, big_causal, base)
-    backends = [i for i in impls if i in ("flash", "simt")]
+    backends = [i for i in impls if i in BACKENDS]
     if backends:
         add(3, [c for c in cases if compares_backends(c, backends_max_L)], backends)
     if "flex" in impls:  # masks before causal, forwards before forward+backward (compiles cost the most)
@@ -300,7 +263,6 @@ class Session:
     def __init__(self, args, device, dtype):
         self.args, self.device, self.dtype = args, device, dtype
         self.cuda = device.startswith("cuda")
-        self.timer = Timer(device)
         self.records = []
         self.case = None
         self.inputs, self.impls, self.ref = None, {}, None
@@ -341,20 +303,22 @@ class Session:
             return
         rec["note"] = im.runner.note
         q, k, v, do = self.inputs
-        step = C.make_step(im.runner, mode, q, k, v, do)
+        # extra_warmup: a timed warm call sizes the reps (the first may compile) and counts as one
+        entry = core.Entry(rec, C.make_step(im.runner, mode, q, k, v, do), case.flops(mode), args.max_reps,
+                           extra_warmup=True)
         out = None
         with environ(im.env):
-            first, times = self.timer.measure(step, args.target_ms / 1e3, args.min_reps, args.max_reps)
+            m, = core.measure([entry], self.device, args.target_ms / 1e3, core.GPU_FIELDS,
+                              min_reps=args.min_reps)
+            if m.error is not None:
+                return
             if mode == C.FWD and job.impl != "longattn":
                 with torch.no_grad():
                     out = im.runner.fn(q, k, v)
         if out is not None:
             rec["diff"] = (out.float() - self.reference_out(case).float()).abs().max().item()
-        med = statistics.median(times)
-        rec.update(ms=med * 1e3, min_ms=min(times) * 1e3, reps=len(times), first_s=round(first, 3),
-                   tflops=case.flops(mode) / med / 1e12, times_ms=[round(t * 1e3, 4) for t in times])
         if job.impl == "flex":
-            rec["note"] += f"; first call (compile) {first:.1f} s"
+            rec["note"] += f"; first call (compile) {m.first:.1f} s"
 
     def run(self, jobs, deadline):
         t_start = time.perf_counter()
@@ -395,7 +359,8 @@ def run(args) -> dict:
     jobs = plan(cases, impls, args.modes, args.headline_L, args.headline_D, args.simt_max_L)
     C.import_longattn()
     t_start = time.perf_counter()
-    info = meta(device, dtype, args)
+    info = runinfo.collect(device, dtype)
+    info.update(budget_s=args.budget_s, smoke=args.smoke)
     info["headline"] = (args.headline_L, args.headline_D)
     print(header(info), flush=True)
     if device.startswith("cuda"):
@@ -410,28 +375,11 @@ def run(args) -> dict:
         print(info["stopped"], flush=True)
     info["wall_s"] = round(time.perf_counter() - t_start, 1)
     records = session.records
-    for r in records:  # speedups against longattn (auto), same case and mode
-        base = next((x for x in records if x["case"] == r["case"] and x["mode"] == r["mode"]
-                     and x["impl"] == "longattn" and x.get("ms")), None)
-        r["longattn_speedup"] = (r["ms"] / base["ms"]) if base and r.get("ms") else None
-    return dict(meta=info, impls=impls, records=records, jobs=len(jobs),
+    # against longattn (auto), same case and mode; jobs run one by one, so ratios of the medians
+    core.set_speedups(records)
+    best = core.best_alternatives(records, exclude=BACKENDS)
+    return dict(meta=info, impls=impls, records=records, jobs=len(jobs), best_alternatives=best,
                 flop_convention="visible (query, key) pairs only; forward = 4*D*pairs, fwd+bwd = 3.5x forward")
-
-
-def meta(device, dtype, args) -> dict:
-    info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                device=device, dtype=str(dtype).replace("torch.", ""), longattn=C.longattn_build_info(),
-                budget_s=args.budget_s, smoke=args.smoke)
-    if device.startswith("cuda"):
-        p = torch.cuda.get_device_properties(device)
-        info["gpu"] = f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB"
-    try:
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
-    except Exception:  # noqa: BLE001
-        info["git"] = "?"
-    return info
 
 
 def header(info) -> str:
@@ -443,10 +391,6 @@ def header(info) -> str:
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def _f(x, fmt="{:.0f}"):
-    return "-" if x is None else fmt.format(x)
-
-
 def table(result) -> str:
     """One row per (case, mode): TFLOP/s of each implementation, longattn's speedup over SDPA and
     FlexAttention. '-' = not measured (the reasons are in the .md/.csv)."""
@@ -465,14 +409,9 @@ def table(result) -> str:
             continue
         sp = [by.get(o, {}).get("longattn_speedup") for o in ("sdpa", "flex")]
         tf = [by.get(i, {}).get("tflops") for i in impls]
-        rows.append([case, mode] + [_f(t, "{:.0f}" if t is not None and t >= 100 else "{:.3g}") for t in tf]
-                    + [_f(s, "{:.2f}x") for s in sp])
-    w = [max(len(str(x[j])) for x in rows + [hdr]) for j in range(len(hdr))]
-    fmt = lambda x: "| " + " | ".join(str(v).rjust(wj) if j > 1 else str(v).ljust(wj)  # noqa: E731
-                                      for j, (v, wj) in enumerate(zip(x, w))) + " |"
-    out = [fmt(hdr), "|" + "|".join(("-" * (wj + 1) + ":") if j > 1 else "-" * (wj + 2)
-                                    for j, wj in enumerate(w)) + "|"]
-    out += [fmt(r) for r in rows]
+        rows.append([case, mode] + [report.fmt(t, "{:.0f}" if t is not None and t >= 100 else "{:.3g}") for t in tf]
+                    + [report.fmt(s, "{:.2f}x") for s in sp])
+    out = report.markdown_table(hdr, rows, right=range(2, len(hdr)))
     m = result["meta"]
     out.append(f"TFLOP/s on the visible area ({result['flop_convention']}); x sdpa / x flex = their time / "
                f"longattn's (> 1: longattn faster). {m.get('gpu', m['device'])}, {m['dtype']}, torch {m['torch']}"
@@ -517,28 +456,29 @@ def details(result) -> str:
     out = ["| case | mode | impl | ms | TFLOP/s | reps | max diff vs longattn | note |",
            "|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
-        out.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {_f(r.get('ms'), '{:.3f}')} | "
-                   f"{_f(r.get('tflops'), '{:.1f}')} | {r.get('reps', '-')} | {_f(r.get('diff'), '{:.2g}')} | "
+        ms, tflops, diff = (report.fmt(r.get(k), f) for k, f in (("ms", "{:.3f}"), ("tflops", "{:.1f}"),
+                                                                   ("diff", "{:.2g}")))
+        out.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {ms} | {tflops} | {r.get('reps', '-')} | {diff} | "
                    f"{r['note']} |")
     return "\n".join(out)
 
 
 def save(result, out_dir):
+    """gpu_bench.json (every rep), .csv (one row per job), .md (table, targets, every job's note)."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gpu_bench.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    report.write_json(os.path.join(out_dir, "gpu_bench.json"), result)
     cols = ["case", "family", "L", "D", "B", "H", "mode", "impl", "ms", "min_ms", "reps", "tflops",
             "longattn_speedup", "diff", "first_s", "tier", "note"]
-    with open(os.path.join(out_dir, "gpu_bench.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(result["records"])
-    with open(os.path.join(out_dir, "gpu_bench.md"), "w") as f:
-        f.write(header(result["meta"]) + "\n\n" + table(result) + "\n\n")
-        t = targets(result)
-        if t:
-            f.write("Targets:\n" + "\n".join(f"- {x}" for x in t) + "\n\n")
-        f.write("All measurements:\n\n" + details(result) + "\n")
+    report.write_csv(os.path.join(out_dir, "gpu_bench.csv"), result["records"], cols)
+    md = header(result["meta"]) + "\n\n" + table(result) + "\n\n"
+    t = targets(result)
+    if t:
+        md += "Targets:\n" + "\n".join(f"- {x}" for x in t) + "\n\n"
+    best = core.best_alternative_lines(result.get("best_alternatives", []))
+    if best:
+        md += "\n".join(best) + "\n\n"
+    md += "All measurements:\n\n" + details(result) + "\n"
+    report.write_text(os.path.join(out_dir, "gpu_bench.md"), md)
 
 
 def main(argv=None):
@@ -568,8 +508,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     if args.report:
-        with open(args.report) as f:
-            result = json.load(f)
+        result = report.read_json(args.report)
         print(table(result))
         for t in targets(result):
             print("- " + t)

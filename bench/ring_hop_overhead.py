@@ -20,15 +20,14 @@ over the whole sequence:
     max err       forward: max |ring out - single out| (a check that the simulation computes
                   the same attention; the backward's dK/dV shares are stand-ins, not checked)
 
-Times are medians over --reps rounds (single, calls only and ring alternate within a round);
-on CUDA each is bracketed by device synchronizations.
+Times are medians over --reps reps, timed by bench/timing.py: on the CPU single, calls only and
+ring alternate round-robin; on CUDA each is timed with do_bench.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
-import time
 
 import torch
 
@@ -39,6 +38,9 @@ from longattn.ring.comm import Comm
 from longattn.ring.compute import Kernel
 from longattn.ring.ring_mode import ring_backward, ring_forward
 from longattn.ring.schedule import Call
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
 
 CASES = [
     # name, layout, options (window as a fraction of L)
@@ -60,16 +62,7 @@ class LocalComm(Comm):
         for m in msgs:
             if m.src == self.rank:
                 payload(m)            # the copy a real send makes
-        return [], [(m, self.inbox[m]) for m in msgs if m.dst == self.rank], None
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(xs):
-    return 1e3 * statistics.median(xs)
+        return [(m, self.inbox[m]) for m in msgs if m.dst == self.rank]   # nothing to complete
 
 
 def _inbox(plan, msgs, k_shards, v_shards, acc_dtype):
@@ -141,16 +134,8 @@ def run_case(name, layout, opts, W, q, k, v, dout, reps):
                   for r in range(W) if outs[r].numel())
         fns = dict(sf=single_fwd, cf=calls_fwd, rf=ring_fwd, sb=single_bwd, cb=calls_bwd,
                    rb=ring_bwd)
-        times = {key: [] for key in fns}
-        for rep in range(reps + 1):            # the first round is a warm-up
-            for key, fn in fns.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                if rep:
-                    times[key].append(time.perf_counter() - t0)
-    ms = {key: _median_ms(x) for key, x in times.items()}
+        measured = timing.compare(fns, reps, device.type)
+    ms = {key: 1e3 * m.median for key, m in measured.items()}
     n_calls = sum(len(c) for row in plan.calls for c in row)
     return dict(name=name, layout=layout, W=W, hops=plan.computed_hops, all_hops=plan.hops,
                 calls=n_calls, ms=ms, err=err)
