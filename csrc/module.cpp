@@ -8,10 +8,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 
 #include "cpu/checks.h"
 #include "cpu/gemm.h"
+#include "common/mask.h"
 #include "cpu/tuning.h"
 
 #if __has_include(<torch/headeronly/version.h>)
@@ -86,6 +88,29 @@ py::dict build_info() {
   return d;
 }
 
+// The hull of the (query, key) pairs the mask lets see among query rows [0, nq) and keys
+// [0, nk): (q0, q1, k0, k1), half-open, and whether the window band (not only the sinks)
+// contributes; None when nothing is visible. Ring attention's schedule trims each kernel call
+// to it, from the same definition the kernels classify their tiles with.
+py::object visible_hull(int64_t q_start, int64_t k_start, int64_t left, int64_t right,
+                        int64_t sinks, bool causal, int64_t nq, int64_t nk) {
+  longattn::MaskParams m;
+  m.q_start = q_start;
+  m.k_start = k_start;
+  m.left = left;
+  m.right = right;
+  m.sinks = sinks;
+  m.causal = causal;
+  const longattn::Range rows = m.query_range(0, nk, nq);
+  if (rows.empty()) return py::none();
+  longattn::Range sink, band;
+  m.key_ranges(rows.lo, rows.hi, nk, &sink, &band);
+  if (sink.empty() && band.empty()) return py::none();
+  const int64_t k0 = sink.empty() ? band.lo : (band.empty() ? sink.lo : std::min(sink.lo, band.lo));
+  const int64_t k1 = sink.empty() ? band.hi : (band.empty() ? sink.hi : std::max(sink.hi, band.hi));
+  return py::make_tuple(rows.lo, rows.hi, k0, k1, !band.empty());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -102,6 +127,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("tile_q") = 0, py::arg("tile_k") = 0, py::arg("splitk") = -1,
       "Override the CPU forward's tile shape (0, 0: its choice) and split-K chunk size in key "
       "tiles (-1: its rule, 0: never split), for tests and tuning (csrc/cpu/tuning.h).");
+  m.def("_visible_hull", &visible_hull,
+        "(q0, q1, k0, k1, band) hull of the visible pairs of a mask over nq x nk, or None "
+        "(common/mask.h; used by ring attention's schedule).");
   m.def("_check_softcap_row", &longattn::cpu::softcap_row_vs_scalar,
         "(CPU softcap_row(x), softcap_logit per element) for the tests.");
 }

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
+from .. import _C
 from ..attention import UNBOUNDED, window_bounds
 from .layout import Piece, layout_lengths, pieces_for_lengths
 
@@ -57,33 +58,19 @@ def _pair_call(qp: Piece, kp: Piece, causal: bool, left: int, right: int,
     n_sink = max(0, -((b - sinks) // S))          # keys j with b + S*j < sinks
     ksinks = ks + n_sink if n_sink else 0
 
-    # Kernel coordinates from here on. Spans (q first, q last, k first, k last) of what the
-    # window and the sinks make visible; the call covers their hull, so a narrow window also
+    # Kernel coordinates from here on. The call covers the hull of the visible pairs, from the
+    # mask definition the kernels classify tiles with (common/mask.h), so a narrow window also
     # trims the rows computed, merged and sent.
-    p0, p1 = qs, qs + qp.length - 1
-    s0, s1 = ks, ks + kp.length - 1
-    r_eff = min(kr, 0) if causal else kr
-    window_span = None
-    if kl + r_eff >= 0:
-        wq0, wq1 = max(p0, s0 - r_eff), min(p1, s1 + kl)
-        if wq0 <= wq1:
-            window_span = (wq0, wq1, max(s0, wq0 - kl), min(s1, wq1 + r_eff))
-    sink_span = None
-    if n_sink > 0 and (not causal or s0 <= p1):
-        last_sink = min(s1, ksinks - 1, p1 if causal else s1)
-        sink_span = (max(p0, s0) if causal else p0, p1, s0, last_sink)
-    if window_span is None and sink_span is None:
+    hull_ = _C._visible_hull(qs, ks, kl, kr, ksinks, causal, qp.length, kp.length)
+    if hull_ is None:
         return None
-    if window_span is None:
+    q0, q1, k0, k1, band = hull_
+    if not band:
         # Only sink keys are visible: attend to them alone with no window, which also avoids
         # an empty (left + right < 0) window in stripe coordinates.
-        spans, kl, kr, ksinks = [sink_span], UNBOUNDED, UNBOUNDED, 0
-    else:
-        spans = [sp for sp in (window_span, sink_span) if sp is not None]
-    qlo, qhi = min(sp[0] for sp in spans), max(sp[1] for sp in spans)
-    klo, khi = min(sp[2] for sp in spans), max(sp[3] for sp in spans)
-    return Call(qp.offset + qlo - qs, qp.offset + qhi - qs + 1, kp.offset + klo - ks,
-                kp.offset + khi - ks + 1, qlo, klo, kl, kr, ksinks)
+        kl, kr, ksinks = UNBOUNDED, UNBOUNDED, 0
+    return Call(qp.offset + q0, qp.offset + q1, kp.offset + k0, kp.offset + k1, qs + q0,
+                ks + k0, kl, kr, ksinks)
 
 
 class Msg(NamedTuple):
