@@ -1,5 +1,6 @@
-// The per-configuration entry point of the flash backward, explicitly instantiated in the
-// bwd_hdim*.cu files and called by bwd_dispatch.cu.
+// The flash backward's configurations as traits types (for the dispatcher's shared-memory
+// table) and the launch template of one configuration (bwd_launch.h), which flash_bwd
+// (instances.h) runs.
 #pragma once
 #include <cuda_runtime_api.h>
 

@@ -5,6 +5,7 @@
 #include "cuda/attention/attention_launch.h"
 #include "cuda/attention/flash/bwd_api.h"
 #include "cuda/attention/flash/bwd_params.h"
+#include "cuda/attention/flash/instances.h"
 
 namespace longattn::cuda {
 namespace {
@@ -40,19 +41,19 @@ BwdConfigInfo pick_config(int64_t head_dim, int max_smem_optin) {
   return {BwdConfigId::kNone, head_dim, 0};
 }
 
-template <typename Elem>
+template <flash::FlashDtype kDtype>
 cudaError_t run_for_dtype(const AttentionParams& p, const AttentionGrads& g, cudaStream_t stream) {
-  using namespace flash;
+  using flash::flash_bwd;
   int dev = 0, max_smem = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
   switch (pick_config(p.head_dim, max_smem).id) {
-    case BwdConfigId::kHd64: return run_flash_bwd<DeviceBwdTraits<Elem, 64>>(p, g, stream);
-    case BwdConfigId::kHd96: return run_flash_bwd<DeviceBwdTraits<Elem, 96>>(p, g, stream);
-    case BwdConfigId::kHd128: return run_flash_bwd<DeviceBwdTraits<Elem, 128>>(p, g, stream);
-    case BwdConfigId::kHd128Narrow: return run_flash_bwd<DeviceBwdTraits<Elem, 128, true>>(p, g, stream);
-    case BwdConfigId::kHd256: return run_flash_bwd<DeviceBwdTraits<Elem, 256>>(p, g, stream);
+    case BwdConfigId::kHd64: return flash_bwd<kDtype, 64, false>(p, g, stream);
+    case BwdConfigId::kHd96: return flash_bwd<kDtype, 96, false>(p, g, stream);
+    case BwdConfigId::kHd128: return flash_bwd<kDtype, 128, false>(p, g, stream);
+    case BwdConfigId::kHd128Narrow: return flash_bwd<kDtype, 128, true>(p, g, stream);
+    case BwdConfigId::kHd256: return flash_bwd<kDtype, 256, false>(p, g, stream);
     default: return cudaErrorInvalidValue;  // the registration asks flash_backward_smem first
   }
 }
@@ -71,9 +72,9 @@ cudaError_t flash_backward(const AttentionParams& p, const AttentionGrads& g, Ke
                            cudaStream_t stream) {
   switch (dtype) {
     case KernelDtype::kFloat16:
-      return run_for_dtype<cutlass::half_t>(p, g, stream);
+      return run_for_dtype<flash::FlashDtype::kFp16>(p, g, stream);
     case KernelDtype::kBFloat16:
-      return run_for_dtype<cutlass::bfloat16_t>(p, g, stream);
+      return run_for_dtype<flash::FlashDtype::kBf16>(p, g, stream);
     default:
       return cudaErrorInvalidValue;
   }

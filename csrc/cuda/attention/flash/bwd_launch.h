@@ -2,15 +2,18 @@
 // __global__ wrappers of the bodies, and the host sequence
 //   delta -> [dsink] -> dK/dV (+ atomic dQ) -> dQ conversion            (default)
 //   delta -> [dsink] -> dK/dV -> query-major dQ kernel                  (deterministic)
-// Included only by the per-(dtype, head dim) instantiation files.
+// and flash_bwd (instances.h) on it. Included only by the generated instance files.
 #pragma once
 #include <cuda_runtime_api.h>
+
+#include <type_traits>
 
 #include "cuda/attention/attention_launch.h"
 #include "cuda/attention/flash/bwd_api.h"
 #include "cuda/attention/flash/bwd_dkdv_kernel.h"
 #include "cuda/attention/flash/bwd_dq_kernel.h"
 #include "cuda/attention/flash/bwd_plan.h"
+#include "cuda/attention/flash/instances.h"
 
 namespace longattn::cuda::flash {
 
@@ -94,6 +97,12 @@ cudaError_t run_flash_bwd(const AttentionParams& p, const AttentionGrads& g, cud
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+template <FlashDtype kDtype, int kHeadDim, bool kNarrow>
+cudaError_t flash_bwd(const AttentionParams& p, const AttentionGrads& g, cudaStream_t stream) {
+  using Elem = std::conditional_t<kDtype == FlashDtype::kBf16, cutlass::bfloat16_t, cutlass::half_t>;
+  return run_flash_bwd<DeviceBwdTraits<Elem, kHeadDim, kNarrow>>(p, g, stream);
 }
 
 }  // namespace longattn::cuda::flash

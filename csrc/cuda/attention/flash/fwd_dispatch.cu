@@ -3,30 +3,31 @@
 // head dims in kFlashHeadDims, 16-byte aligned q/k/v, strides in multiples of 8 elements and
 // SM80+.
 #include "cuda/attention/attention_launch.h"
-#include "cuda/attention/flash/fwd_instances.h"
+#include "cuda/attention/flash/instances.h"
 
 namespace longattn::cuda {
+namespace {
+
+using flash::FlashDtype;
+
+template <FlashDtype kDtype>
+cudaError_t forward_for(const AttentionParams& p, cudaStream_t stream) {
+  const bool plain = p.score.plain();
+  switch (p.head_dim) {
+    case 64: return plain ? flash::flash_fwd<kDtype, 64, true>(p, stream) : flash::flash_fwd<kDtype, 64, false>(p, stream);
+    case 96: return plain ? flash::flash_fwd<kDtype, 96, true>(p, stream) : flash::flash_fwd<kDtype, 96, false>(p, stream);
+    case 128: return plain ? flash::flash_fwd<kDtype, 128, true>(p, stream) : flash::flash_fwd<kDtype, 128, false>(p, stream);
+    case 256: return plain ? flash::flash_fwd<kDtype, 256, true>(p, stream) : flash::flash_fwd<kDtype, 256, false>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
 
 cudaError_t flash_forward(const AttentionParams& p, KernelDtype dtype, cudaStream_t stream) {
   if (!flash_supported(dtype, p.head_dim)) return cudaErrorInvalidValue;
-  const bool bf16 = dtype == KernelDtype::kBFloat16;
-  const bool plain = p.score.plain();
-  using Fn = cudaError_t (*)(const AttentionParams&, cudaStream_t);
-  Fn fn = nullptr;
-  if (p.head_dim == 64) {
-    fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd64 : flash::flash_fwd_bf16_hd64_softcap_alibi)
-              : (plain ? flash::flash_fwd_fp16_hd64 : flash::flash_fwd_fp16_hd64_softcap_alibi);
-  } else if (p.head_dim == 96) {
-    fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd96 : flash::flash_fwd_bf16_hd96_softcap_alibi)
-              : (plain ? flash::flash_fwd_fp16_hd96 : flash::flash_fwd_fp16_hd96_softcap_alibi);
-  } else if (p.head_dim == 128) {
-    fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd128 : flash::flash_fwd_bf16_hd128_softcap_alibi)
-              : (plain ? flash::flash_fwd_fp16_hd128 : flash::flash_fwd_fp16_hd128_softcap_alibi);
-  } else if (p.head_dim == 256) {
-    fn = bf16 ? (plain ? flash::flash_fwd_bf16_hd256 : flash::flash_fwd_bf16_hd256_softcap_alibi)
-              : (plain ? flash::flash_fwd_fp16_hd256 : flash::flash_fwd_fp16_hd256_softcap_alibi);
-  }
-  return fn != nullptr ? fn(p, stream) : cudaErrorInvalidValue;
+  return dtype == KernelDtype::kBFloat16 ? forward_for<FlashDtype::kBf16>(p, stream)
+                                         : forward_for<FlashDtype::kFp16>(p, stream);
 }
 
 }  // namespace longattn::cuda

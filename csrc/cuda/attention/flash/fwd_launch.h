@@ -1,18 +1,25 @@
 // Launch of the tensor-core forward for one traits type: the kernel as a __global__ wrapper of
-// the CTA body (fwd_kernel.h) and its launch on fwd_plan.h's grid. Included only by the
-// per-(dtype, head dim) instantiation files, so each .cu compiles one kernel.
+// the CTA body (fwd_kernel.h) and its launch on fwd_plan.h's grid, and flash_fwd
+// (instances.h) on it. Included only by the generated instance files, so each .cu compiles one
+// kernel.
 #pragma once
 #include <cuda_runtime_api.h>
+
+#include <type_traits>
 
 #include "common/attention_params.h"
 #include "cuda/attention/flash/fwd_kernel.h"
 #include "cuda/attention/flash/fwd_plan.h"
 #include "cuda/attention/flash/fwd_traits.h"
+#include "cuda/attention/flash/instances.h"
 
 namespace longattn::cuda::flash {
 
 template <typename Element, int kHeadDim>
 using DeviceFwdTraits = FwdTraits<Element, kHeadDim, FlashDeviceOps>;
+
+template <FlashDtype kDtype>
+using FlashElement = std::conditional_t<kDtype == FlashDtype::kBf16, cute::bfloat16_t, cute::half_t>;
 
 // kPlainLogits: see forward_query_tile.
 template <class Tr, bool kPlainLogits>
@@ -42,6 +49,11 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
                  static_cast<unsigned>(grid.z));
   kernel<<<dim, Tr::kNThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <FlashDtype kDtype, int kHeadDim, bool kPlainLogits>
+cudaError_t flash_fwd(const AttentionParams& p, cudaStream_t stream) {
+  return launch_flash_fwd<DeviceFwdTraits<FlashElement<kDtype>, kHeadDim>, kPlainLogits>(p, stream);
 }
 
 }  // namespace longattn::cuda::flash

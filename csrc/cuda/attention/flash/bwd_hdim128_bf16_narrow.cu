@@ -1,6 +1,0 @@
-// Flash attention backward instantiation: bf16, head dim 128, the 64-key tiles for 99 KB-smem parts.
-#include "cuda/attention/flash/bwd_launch.h"
-
-namespace longattn::cuda::flash {
-template cudaError_t run_flash_bwd<DeviceBwdTraits<cutlass::bfloat16_t, 128, true>>(const AttentionParams&, const AttentionGrads&, cudaStream_t);
-}  // namespace longattn::cuda::flash

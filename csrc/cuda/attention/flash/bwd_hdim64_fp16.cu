@@ -1,6 +1,0 @@
-// Flash attention backward instantiation: fp16, head dim 64.
-#include "cuda/attention/flash/bwd_launch.h"
-
-namespace longattn::cuda::flash {
-template cudaError_t run_flash_bwd<DeviceBwdTraits<cutlass::half_t, 64>>(const AttentionParams&, const AttentionGrads&, cudaStream_t);
-}  // namespace longattn::cuda::flash
