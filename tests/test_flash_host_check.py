@@ -1,5 +1,5 @@
 """Host-side checks of the CUDA flash forward's layouts and key-tile schedule
-(tests/cuda_host/flash_fwd_host_check.cu): compiled with nvcc and run on the CPU, so they run
+(tools/cuda_host/flash_fwd_host_check.cu): compiled with nvcc and run on the CPU, so they run
 without a GPU. Skipped when nvcc or the CUTLASS headers are missing."""
 
 import os
@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "tests", "cuda_host", "flash_fwd_host_check.cu")
+SOURCE = os.path.join(ROOT, "tools", "cuda_host", "flash_fwd_host_check.cu")
 
 
 def _cutlass_include():

@@ -15,7 +15,7 @@
 #   sdist          `python -m build --sdist`, then that archive built and installed into a fresh
 #                  venv (no source tree around it) and a smoke test run there
 #   gpu-rehearsal  the GPU machine's build without its GPU (Python 3.12, torch 2.11.0+cu130,
-#                  sm_90): bench/gpu_check.sh --dry-run, then the whole suite against that module
+#                  sm_90): tools/gpu_check.sh --dry-run, then the whole suite against that module
 # Needs the development venv and build (make build). Overridable: PYTHON, VENV, MAX_JOBS,
 # PYTEST_ARGS, CUDA_ARCHS, EMU_TESTS, EMU_K, RESOURCES_ARGS.
 set -euo pipefail
@@ -130,7 +130,7 @@ PY
   )
 }
 
-step_cutlass-carry() { "$VPY" bench/cutlass_carry.py; }
+step_cutlass-carry() { "$VPY" tools/cutlass_carry.py; }
 
 step_gpu-rehearsal() {
   local gpu_python=""
@@ -147,7 +147,7 @@ step_gpu-rehearsal() {
   # the older torch lacks, or a build break only sm_90 shows, fails here first.
   LONGATTN_CUDA=1 LONGATTN_CUDA_ARCHS=90 GPU_CHECK_BUDGET_S=1800 \
     PYTHON="$ROOT/.venv-gpu-rehearsal/bin/python" OUT="$ROOT/build/gpu-rehearsal-out" \
-    bash bench/gpu_check.sh --dry-run
+    bash tools/gpu_check.sh --dry-run
   PYTHONPATH="$ROOT/python" .venv-gpu-rehearsal/bin/python "${PYTEST[@]}" -n "$MAX_JOBS" \
     "${PYTEST_EXTRA[@]}" tests
 }

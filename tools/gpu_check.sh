@@ -6,10 +6,10 @@
 # RoPE and ring-per-hop micro-benchmarks and the summary). Phases are stopped with SIGINT at their caps, so pytest
 # and the benchmark still write what they finished.
 #
-#   bash bench/gpu_check.sh               # on the GPU machine (device tool: carry [".cutlass"], and
-#                                         # the module + stamp below; README.md gives the call)
-#   bash bench/gpu_check.sh --dry-run     # here, no GPU: CPU build, the plumbing, the smoke bench
-#   LONGATTN_CUDA=1 bash bench/gpu_check.sh --dry-run   # the same with the GPU run's CUDA build
+#   bash tools/gpu_check.sh               # on the GPU machine, with the source (and .cutlass, and
+#                                         # the module + stamp below, when built beforehand)
+#   bash tools/gpu_check.sh --dry-run     # here, no GPU: CPU build, the plumbing, the smoke bench
+#   LONGATTN_CUDA=1 bash tools/gpu_check.sh --dry-run   # the same with the GPU run's CUDA build
 #                                         # (archs: LONGATTN_CUDA_ARCHS, default 90); `make verify STEPS=gpu-rehearsal`
 #
 # A module built here for the same torch and Python can be carried too (`make verify STEPS=gpu-rehearsal` builds

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
 """Copy the CUTLASS/CuTe headers the CUDA build can reach into a folder that travels with the
-source to a GPU machine without network or the nvidia-cutlass package (bench/gpu_check.sh).
+source to a GPU machine without network or the nvidia-cutlass package (tools/gpu_check.sh).
 
-    python bench/cutlass_carry.py                  # -> .cutlass/include (+ .cutlass/tools/util/include)
-    python bench/cutlass_carry.py --dest DIR --src INCLUDE_DIR
+    python tools/cutlass_carry.py                  # -> .cutlass/include (+ .cutlass/tools/util/include)
+    python tools/cutlass_carry.py --dest DIR --src INCLUDE_DIR
 
 Source: --src, else LONGATTN_CUTLASS_DIR, else the nvidia-cutlass package of this interpreter
 (cutlass_library/source/include). What is copied: every header under cute/ and cutlass/'s
 top-level headers, every CUTLASS/CuTe header named by an #include in csrc/, and everything those
 include, transitively (found by scanning #include lines, so headers behind any #if are kept too).
 The rest of CUTLASS (GEMM/conv/epilogue collectives, examples, tools) stays behind: the whole
-include tree is ~26 MiB and the device tool carries 64 MiB in all.
+include tree is ~26 MiB, and the copy travels with the source.
 """
 from __future__ import annotations
 
@@ -111,8 +111,7 @@ def main(argv=None) -> None:
     mib = total / 2**20
     print(f"cutlass_carry: {len(files)} headers, {mib:.1f} MiB from {inc} -> {dest}")
     if mib > args.max_mib:
-        sys.exit(f"cutlass_carry: {mib:.1f} MiB is over --max-mib {args.max_mib:g} (the device tool carries "
-                 f"64 MiB in all, source included)")
+        sys.exit(f"cutlass_carry: {mib:.1f} MiB is over --max-mib {args.max_mib:g}")
 
 
 if __name__ == "__main__":
