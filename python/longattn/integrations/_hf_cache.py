@@ -21,8 +21,9 @@ from ..rope import rerotate_keys
 from ._hf_attention import attend
 from ._hf_presses import StreamingLLMPress
 
-#: Buffers start this large and grow by a quarter (at least this much) when full.
-MIN_GROWTH = 64
+#: Buffers grow by a quarter (at least this much) when full, and keep as much headroom
+#: when an eviction shrinks them.
+MIN_GROWTH = 16
 
 POLICIES = (StreamingLLM, H2O, TOVA, SnapKV)
 
@@ -313,7 +314,8 @@ class LongattnLayer(CacheLayerMixin):
     def _shrink(self) -> None:
         """Give memory back after an eviction left the buffers mostly empty."""
         kv = self.kv
-        cap = kv.max_length() + MIN_GROWTH
+        n = kv.max_length()
+        cap = n + max(n // 4, MIN_GROWTH)
         if kv.capacity <= 2 * cap:
             return
         kv.k, kv.v, kv.positions = (t[:, :, :cap].clone() for t in (kv.k, kv.v, kv.positions))
