@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention import attention
 from ..kvcache import H2O, TOVA, KVCache, SnapKV, StreamingLLM, decode_attention, select_keep
@@ -49,12 +49,14 @@ class LongattnLayer(CacheLayerMixin):
 
     is_compileable = False
 
-    def __init__(self, sliding_window: Optional[int] = None, press=None, policy=None):
+    def __init__(self, sliding_window: Optional[int] = None, press=None, policy=None,
+                 capacity: Optional[int] = None):
         super().__init__()
         if policy is not None and not isinstance(policy, POLICIES):
             raise TypeError(f"policy must be one of {[p.__name__ for p in POLICIES]}, got "
                             f"{type(policy).__name__} (AdaKV takes scores: wrap it in a press)")
         self.sliding_window, self.press, self.policy = sliding_window, press, policy
+        self.capacity = capacity
         self.is_sliding = sliding_window is not None
         self.kv: Optional[KVCache] = None
         self.seen = 0          # tokens (columns of the padded batch) handed to the layer so far
@@ -70,8 +72,8 @@ class LongattnLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, n, D = key_states.shape
         track = isinstance(self.policy, H2O) or getattr(self.press, "needs_scores", False)
-        self.kv = KVCache(B, H, D, max(n, MIN_GROWTH), dtype=key_states.dtype,
-                          device=key_states.device, track_scores=track,
+        self.kv = KVCache(B, H, D, max(n, self.capacity or 0, MIN_GROWTH),
+                          dtype=key_states.dtype, device=key_states.device, track_scores=track,
                           v_head_dim=value_states.shape[-1])
         self.shift = torch.zeros(B, dtype=torch.int64, device=key_states.device)
         self.device = key_states.device
@@ -130,8 +132,8 @@ class LongattnLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.kv is not None:
-            dev = self.kv.device
-            self.batch_select_indices(torch.arange(self.kv.batch, device=dev).repeat_interleave(repeats))
+            rows = torch.arange(self.kv.batch, device=self.kv.device)
+            self.batch_select_indices(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         kv = self.kv
@@ -159,8 +161,6 @@ class LongattnLayer(CacheLayerMixin):
         self._pending = False
         if not causal:
             raise NotImplementedError("LongattnCache is for causal decoding")
-        if window is not None and window[0] is None:
-            window = None
         if softcap and (isinstance(self.policy, (H2O, TOVA, SnapKV))
                         or not isinstance(self.press, (type(None), StreamingLLMPress))):
             raise NotImplementedError("attention scores with softcap: decode_attention, which "
@@ -228,7 +228,7 @@ class LongattnLayer(CacheLayerMixin):
         kv.v.scatter_(2, idx[..., None].expand(-1, -1, -1, kv.v.shape[-1]), v)
         kv.positions.scatter_(2, idx, pos[:, None, :].expand(-1, kv.kv_heads, -1))
         if kv.scores is not None:
-            kv.scores.scatter_(2, idx, torch.zeros(idx.shape, dtype=torch.float32, device=kv.device))
+            kv.scores.scatter_(2, idx, kv.scores.new_zeros(idx.shape))
         kv.lengths += cnt[:, None].to(kv.lengths.dtype)
         last = torch.where(valid, pos, -1).amax(1) + 1
         kv.next_position = torch.maximum(kv.next_position, last)
@@ -271,7 +271,8 @@ class LongattnLayer(CacheLayerMixin):
                              kv.v[:, :, :L].transpose(1, 2), **kw)
         out = q.new_zeros(B, n, Hq, D)
         for b, L in enumerate(lengths):
-            rows = torch.arange(n, device=q.device) if valid is None else valid[b].nonzero().flatten()
+            rows = (torch.arange(n, device=q.device) if valid is None
+                    else valid[b].nonzero().flatten())
             qb = q[b:b + 1].index_select(2, rows).transpose(1, 2)
             out[b, rows] = attention(qb, kv.k[b:b + 1, :, :L].transpose(1, 2),
                                      kv.v[b:b + 1, :, :L].transpose(1, 2), **kw)[0]
@@ -312,11 +313,11 @@ class LongattnLayer(CacheLayerMixin):
         kv.compact_(keep, counts)
 
     def _shrink(self) -> None:
-        """Give memory back after an eviction left the buffers mostly empty."""
+        """Give memory back after an eviction, keeping a quarter of headroom."""
         kv = self.kv
         n = kv.max_length()
         cap = n + max(n // 4, MIN_GROWTH)
-        if kv.capacity <= 2 * cap:
+        if kv.capacity <= cap:  # a fixed budget settles here: no reallocation per step
             return
         kv.k, kv.v, kv.positions = (t[:, :, :cap].clone() for t in (kv.k, kv.v, kv.positions))
         if kv.scores is not None:
@@ -329,6 +330,24 @@ class LongattnLayer(CacheLayerMixin):
 PolicyArg = Union[None, object, Sequence[object]]
 
 
+def _layer_windows(config):
+    """Per decoder layer: None (global attention) or its sliding window."""
+    text = config.get_text_config(decoder=True)
+    try:  # transformers' own reading of the layer types (per-layer configs included)
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        types, kwargs = get_layer_types_and_kwargs(text)
+    except ImportError:  # older 5.x: layer_types, else one sliding_window for every layer
+        w = getattr(text, "sliding_window", None)
+        types = getattr(text, "layer_types", None) or (
+            ["sliding_attention" if w else "full_attention"] * text.num_hidden_layers)
+        kwargs = [dict(sliding_window=w) if t == "sliding_attention" else {} for t in types]
+    for kind in types:
+        if kind not in ("full_attention", "sliding_attention"):
+            raise NotImplementedError(f"layer type {kind!r}: LongattnCache holds full and "
+                                      "sliding attention layers only")
+    return [kw.get("sliding_window") for kw in kwargs]
+
+
 class LongattnCache(Cache):
     """A transformers ``Cache`` of :class:`LongattnLayer` (one :class:`KVCache` per layer).
 
@@ -339,28 +358,26 @@ class LongattnCache(Cache):
             ``SnapKVPress``, ``H2OPress``: kvpress-style, with a ``compression_ratio``).
         policy: a ``longattn.kvcache`` policy with an absolute budget (StreamingLLM, H2O,
             TOVA after every step; SnapKV after prefill), or one per layer (None: none).
+        capacity: keys per head to allocate up front (e.g. prompt + new tokens); by default
+            the buffers start at the prompt's length and grow by a quarter when full.
 
     Needs ``attn_implementation="longattn"``. ``nbytes()`` is the memory the buffers hold.
     """
 
-    def __init__(self, config=None, *, press=None, policy: PolicyArg = None):
+    def __init__(self, config=None, *, press=None, policy: PolicyArg = None,
+                 capacity: Optional[int] = None):
         per_layer = isinstance(policy, (list, tuple))
         if config is None:
             if per_layer:
                 raise ValueError("a policy per layer needs the config")
-            super().__init__(layer_class_to_replicate=lambda: LongattnLayer(press=press,
-                                                                            policy=policy))
+            super().__init__(layer_class_to_replicate=lambda: LongattnLayer(
+                press=press, policy=policy, capacity=capacity))
             return
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        if per_layer and len(policy) != len(layer_types):
-            raise ValueError(f"{len(policy)} policies for {len(layer_types)} layers")
-        layers = []
-        for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-            if kind not in ("full_attention", "sliding_attention"):
-                raise NotImplementedError(f"layer type {kind!r}: LongattnCache holds full and "
-                                          "sliding attention layers only")
-            layers.append(LongattnLayer(kw.get("sliding_window"), press,
-                                        policy[i] if per_layer else policy))
+        windows = _layer_windows(config)
+        if per_layer and len(policy) != len(windows):
+            raise ValueError(f"{len(policy)} policies for {len(windows)} layers")
+        layers = [LongattnLayer(w, press, policy[i] if per_layer else policy, capacity)
+                  for i, w in enumerate(windows)]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
