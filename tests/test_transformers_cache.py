@@ -129,7 +129,8 @@ class Replay:
         q, k = call.query.double(), call.key.double()
         B, Hq, n, D = q.shape
         G = Hq // k.shape[1]
-        valid = torch.ones(B, n, dtype=torch.bool) if call.mask is None else call.mask[:, -n:].bool()
+        valid = (torch.ones(B, n, dtype=torch.bool) if call.mask is None
+                 else call.mask[:, -n:].bool())
         pos = call.position_ids.expand(B, n)
         scale = call.scaling or 1.0 / math.sqrt(D)
         for b in range(B):
