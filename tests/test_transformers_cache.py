@@ -80,7 +80,7 @@ def test_beam_search_matches_dynamic_cache():
     assert torch.equal(got, expect)
 
 
-def test_crop_then_refeed():
+def test_crop_then_refeed_and_reset():
     model = tiny_model("llama", "longattn")
     ids, mask = left_padded(2, 12, [0, 2])
     cache = lt.LongattnCache(model.config)
@@ -89,6 +89,9 @@ def test_crop_then_refeed():
     assert cache.get_seq_length() == 8
     got = _forward(model, ids[:, 8:], mask, cache)
     torch.testing.assert_close(got, expect[:, 8:], atol=1e-5, rtol=0)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    torch.testing.assert_close(_forward(model, ids, mask, cache), expect, atol=1e-5, rtol=0)
 
 
 def test_sliding_layers_hold_their_window():

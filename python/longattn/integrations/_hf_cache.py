@@ -108,10 +108,8 @@ class LongattnLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        if self.kv is not None:
-            self.kv.lengths.zero_()
-            self.kv.next_position.zero_()
-            self.shift.zero_()
+        # Dropped, not zeroed: the next prompt may come with another batch size.
+        self.kv, self.shift, self.is_initialized = None, None, False
         self.seen, self.evicted, self._pending = 0, False, False
 
     def crop(self, tokens_to_remove: int) -> None:
