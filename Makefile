@@ -3,7 +3,8 @@
 #   make build    editable install (CMake + Ninja, incremental in build/)
 #   make test     venv + build + the whole suite (make check: the suite alone)
 #   make bench    venv + build + the CPU benchmark comparison (BENCH_ARGS=--quick: a subset)
-#   make verify   the verification tooling (tools/verify.sh; STEPS="emu cuda-build ...")
+#   make verify   the verification tooling (tools/verify.sh; STEPS="emu cuda-build ...");
+#                 each step is also a target of its own: make cuda-build, make gpu-rehearsal, ...
 #   make lock     regenerate requirements/*.txt from requirements/*.in (LOCK_NAMES: some)
 #   make clean    build outputs; make distclean also the venvs
 # Overridable: PYTHON, VENV, PYTEST_ARGS, BENCH_ARGS, STEPS, MAX_JOBS, V=1 (verbose build), and
@@ -20,7 +21,10 @@ VPY := $(VENV)/bin/python
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS PYTHON VENV PYTEST_ARGS
 
-.PHONY: venv build check test bench verify lock clean distclean
+VERIFY_STEPS := emu emu-asan flash-emu-asan kvpress sdist cuda-build cuda-resources cutlass-carry \
+                gpu-rehearsal
+
+.PHONY: venv build check test bench verify lock clean distclean $(VERIFY_STEPS)
 
 venv:
 	@bash tools/venv.sh $(VENV) $(PYTHON) requirements/main.txt
@@ -41,6 +45,9 @@ bench: venv build
 
 verify: build
 	bash tools/verify.sh $(STEPS)
+
+$(VERIFY_STEPS): build
+	bash tools/verify.sh $@
 
 lock:
 	$(PYTHON) tools/lock_requirements.py $(LOCK_NAMES)
