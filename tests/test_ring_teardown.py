@@ -145,7 +145,7 @@ def _release_worker(rank, world, store, out_path):
         x = torch.randn(1, 8 * world, 2, 8, generator=g, dtype=torch.float64)
         for mode in ring.MODES:
             q = ring.shard(x).requires_grad_()
-            out = longattn.ring_attention(q, q, q, mode=mode, timeout=30)
+            out = longattn.ring_attention(q, q, q, mode=mode, causal=True, timeout=30)
             still_held(f"{mode} forward")
             out.sum().backward()
             still_held(f"{mode} backward")
@@ -227,7 +227,7 @@ def _failure_worker(rank, world, store, out_path, where):
             raise AssertionError("no error on bad input")
         except ValueError as e:
             assert "head_dim" in str(e), e
-        out = longattn.ring_attention(q, q, q, timeout=30)
+        out = longattn.ring_attention(q, q, q, causal=True, timeout=30)
         torch.testing.assert_close(ring.unshard(out), longattn.attention(x, x, x, causal=True),
                                    atol=1e-12, rtol=0)
 
@@ -241,12 +241,12 @@ def _failure_worker(rank, world, store, out_path, where):
 
         qg = q.clone().requires_grad_()
         if where == "backward":
-            out = longattn.ring_attention(qg, q, q, timeout=3)
+            out = longattn.ring_attention(qg, q, q, causal=True, timeout=3)
         if rank == 1:
             ring.ring_mode.Blocks.rows = rows
         try:
             if where == "forward":
-                out = longattn.ring_attention(qg, q, q, timeout=3)
+                out = longattn.ring_attention(qg, q, q, causal=True, timeout=3)
             out.sum().backward()
             raise AssertionError("no error")
         except RuntimeError as e:
