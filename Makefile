@@ -176,11 +176,13 @@ emu-asan:
 	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys -p pytest_simt_emu \
 	  $(if $(EMU_K),-k "$(EMU_K)",) $(PYTEST_ARGS) $(EMU_TESTS)
 
-# flash-emu-asan: tests/test_flash_emu.py (the flash forward/backward kernels under
-# tests/flash_emu) with its libraries built under AddressSanitizer (LONGATTN_FLASH_EMU_ASAN=1).
+# flash-emu-asan: tests/test_flash_emu.py and test_flash_emu_nonfinite.py (the flash
+# forward/backward kernels under tests/flash_emu) with their libraries built under
+# AddressSanitizer (LONGATTN_FLASH_EMU_ASAN=1).
 flash-emu-asan:
 	$(EMU_ASAN_ENV) LONGATTN_FLASH_EMU_ASAN=1 PYTHONPATH=$(abspath python) \
-	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys $(PYTEST_ARGS) tests/test_flash_emu.py
+	  $(VPY) -m pytest -q -p no:cacheprovider --capture=sys $(PYTEST_ARGS) tests/test_flash_emu.py \
+	  tests/test_flash_emu_nonfinite.py
 
 kvpress-test: build
 	$(call venv_install,$(KVPRESS_VENV),$(PYTHON),$(KVPRESS_LOCK))
