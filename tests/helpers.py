@@ -82,6 +82,30 @@ def assert_close_rule(out, ref_hi, ref_lo, factor=2.0, atol_floor=None, name="ou
         )
 
 
+def nonfinite_rows(t):
+    """Per row (all dims but the last): whether the row holds a NaN or an infinity."""
+    return ~torch.isfinite(t).all(-1)
+
+
+def compare_nonfinite(name, ours, ref, ref_lo=None, rows=True, factor=3.0):
+    """Results with non-finite inputs (docs/semantics.md): the rows (``rows``; else the
+    elements) that are non-finite must be exactly those of ``ref``; the finite ones are compared
+    by value, with the tolerance rule when ``ref_lo`` is given, else to 1e-9. Returns the
+    reference's non-finite mask."""
+    bad_o = nonfinite_rows(ours) if rows else ~torch.isfinite(ours)
+    bad_r = nonfinite_rows(ref) if rows else ~torch.isfinite(ref)
+    assert torch.equal(bad_o, bad_r), (
+        f"{name}: non-finite in ours only at {(bad_o & ~bad_r).nonzero().tolist()[:6]}, "
+        f"in the reference only at {(bad_r & ~bad_o).nonzero().tolist()[:6]}")
+    ok = ~bad_o
+    if ref_lo is None:
+        torch.testing.assert_close(ours[ok].double(), ref[ok].double(), rtol=0, atol=1e-9,
+                                   msg=lambda m: f"{name}: {m}")
+    else:
+        assert_close_rule(ours[ok], ref[ok], ref_lo[ok], factor=factor, name=name)
+    return bad_r
+
+
 # --------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------

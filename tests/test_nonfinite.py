@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import longattn
-from helpers import assert_close_rule, cu_seqlens
+from helpers import compare_nonfinite as _compare
+from helpers import cu_seqlens
+from helpers import nonfinite_rows as _nonfinite_rows
 from longattn.reference import alibi_slopes, attention_ref
 
 B, L, HQ, HKV, D = 2, 300, 4, 2, 16
@@ -38,30 +40,11 @@ def _inputs(dtype, device, seed):
             for h in (HQ, HKV, HKV)]
 
 
-def _nonfinite_rows(t):
-    return ~torch.isfinite(t).all(-1)
-
-
 def _grads(fn, leaves, outs_w):
     leaves = [x.detach().requires_grad_() if x is not None else None for x in leaves]
     outs = fn(*leaves)
     wrt = [x for x in leaves if x is not None]
     return outs, torch.autograd.grad(outs, wrt, outs_w, allow_unused=True)
-
-
-def _compare(name, ours, ref, ref_lo=None, rows=True):
-    bad_o = _nonfinite_rows(ours) if rows else ~torch.isfinite(ours)
-    bad_r = _nonfinite_rows(ref) if rows else ~torch.isfinite(ref)
-    assert torch.equal(bad_o, bad_r), (
-        f"{name}: non-finite in ours only at {(bad_o & ~bad_r).nonzero().tolist()[:6]}, "
-        f"in the reference only at {(bad_r & ~bad_o).nonzero().tolist()[:6]}")
-    ok = ~bad_o
-    if ref_lo is None:
-        torch.testing.assert_close(ours[ok].double(), ref[ok].double(), rtol=0, atol=1e-9,
-                                   msg=lambda m: f"{name}: {m}")
-    else:
-        assert_close_rule(ours[ok], ref[ok], ref_lo[ok], factor=3.0, name=name)
-    return bad_r
 
 
 def _run_case(kw, plant, dtype, device, seed=0, varlen=False):

@@ -4,7 +4,7 @@
 #   emu            the SIMT, RoPE, merge and KV-cache CUDA kernels on the CPU (tools/simt_emu) under
 #                  a subset of the suite (EMU_TESTS, EMU_K)
 #   emu-asan       the same with the emulation built under AddressSanitizer
-#   flash-emu-asan tests/test_flash_emu.py with the flash emulator built under AddressSanitizer
+#   flash-emu-asan tests/test_flash_emu*.py with the flash emulator built under AddressSanitizer
 #   kvpress        tests/test_kvcache_kvpress.py against NVIDIA kvpress, with the development
 #                  venv's transformers and in kvpress's own pinned venv
 #   cuda-build     every .cu compiled (sm_80 by default, CUDA_ARCHS) against the CUDA torch, into
@@ -71,7 +71,7 @@ step_emu-asan() {
 step_flash-emu-asan() {
   env "$(asan_env)" ASAN_OPTIONS="detect_leaks=0:${ASAN_OPTIONS:-}" LONGATTN_FLASH_EMU_ASAN=1 \
     PYTHONPATH="$ROOT/python" "$VPY" "${PYTEST[@]}" --capture=sys "${PYTEST_EXTRA[@]}" \
-    tests/test_flash_emu.py
+    tests/test_flash_emu.py tests/test_flash_emu_nonfinite.py
 }
 
 step_kvpress() {

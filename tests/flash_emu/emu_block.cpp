@@ -57,6 +57,15 @@ void Block::wait(Barrier& b) {
   const uint64_t gen = b.gen;
   if (++b.arrived == b.expected) {
     b.arrived = 0;
+    if (&b == &block_barrier_) {
+      // __syncthreads_or is __syncthreads for the block, so all or none must have called it.
+      const int n = or_arrivals_[gen & 1];
+      if (n != 0 && n != b.expected) fail("threads met at a barrier through both sync() and sync_or()");
+      // Every fiber has read generation gen - 1's result (it arrived here since): its slot is
+      // the next generation's.
+      or_value_[(gen + 1) & 1] = 0;
+      or_arrivals_[(gen + 1) & 1] = 0;
+    }
     ++b.gen;
     yield();  // let the scheduler decide who goes first
     return;
@@ -74,6 +83,14 @@ void Block::sync() {
   (void)gen;
 }
 
+int Block::sync_or(int pred) {
+  const uint64_t gen = block_barrier_.gen;
+  or_value_[gen & 1] |= pred != 0;
+  ++or_arrivals_[gen & 1];
+  wait(block_barrier_);
+  return or_value_[gen & 1];
+}
+
 void Block::warp_sync() { wait(warp_barriers_[current_ / 32]); }
 
 void Block::run(int threads, uint64_t seed, int policy, const std::function<void(int)>& body) {
@@ -83,6 +100,8 @@ void Block::run(int threads, uint64_t seed, int policy, const std::function<void
   warp_barriers_.assign(threads / 32, Barrier{32, 0, 0});
   slots_.assign(threads / 32, WarpSlot{});
   block_barrier_ = Barrier{threads, 0, 0};
+  or_value_[0] = or_value_[1] = 0;
+  or_arrivals_[0] = or_arrivals_[1] = 0;
   warp_priority_.resize(threads / 32);
   for (int w = 0; w < threads / 32; ++w) warp_priority_[w] = w;
   rng_.seed(seed);

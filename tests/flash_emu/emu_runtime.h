@@ -72,6 +72,7 @@ class Block {
   void run(int threads, uint64_t seed, int policy, const std::function<void(int)>& body);
 
   void sync();  // __syncthreads
+  int sync_or(int pred);  // __syncthreads_or
   void warp_sync();
   int tid() const { return current_; }
   int lane() const { return current_ % 32; }
@@ -98,6 +99,10 @@ class Block {
   std::vector<Barrier> warp_barriers_;
   std::vector<WarpSlot> slots_;
   Barrier block_barrier_;
+  // sync_or: the OR of the values and the number of sync_or arrivals of barrier generation g
+  // in slot g % 2 (a fiber reads its result before it can arrive at the barrier after next).
+  int or_value_[2] = {0, 0};
+  int or_arrivals_[2] = {0, 0};
   std::vector<int> warp_priority_, cand_;
   uint64_t last_block_gen_ = 0;
   std::mt19937_64 rng_;
@@ -273,6 +278,23 @@ inline float shfl_xor(float v, int mask) {
   return r;
 }
 
+// __ballot_sync over the full warp.
+inline uint32_t ballot(bool pred) {
+  Block& blk = current_block();
+  WarpSlot& s = blk.slot();
+  const int lane = blk.lane();
+  s.regs[lane][0] = 5;
+  s.regs[lane][1] = pred ? 1u : 0u;
+  blk.warp_sync();
+  uint32_t bits = 0;
+  for (int l = 0; l < 32; ++l) {
+    if (s.regs[l][0] != 5) fail("warp lanes diverged at ballot");
+    bits |= s.regs[l][1] << l;
+  }
+  blk.warp_sync();
+  return bits;
+}
+
 struct EmuOps {
   template <class Elem>
   using Mma = EmuMma<Elem, longattn::cuda::flash::Sm80MmaF32<Elem>>;
@@ -280,11 +302,13 @@ struct EmuOps {
   using LdsmT = EmuLdsm<true>;
   using CpAsync = EmuCpAsync;
   static void sync() { current_block().sync(); }
+  static int sync_or(int pred) { return current_block().sync_or(pred); }
   static void cp_async_fence() { cp_fence(); }
   template <int N>
   static void cp_async_wait() { cp_wait(N); }
   static void atomic_add(float* dst, float v) { *dst += v; }
   static float shfl_xor(float v, int lane_mask) { return emu::shfl_xor(v, lane_mask); }
+  static uint32_t ballot(bool pred) { return emu::ballot(pred); }
 };
 
 }  // namespace emu

@@ -16,6 +16,7 @@
 #pragma once
 #include "cuda/attention/flash/bwd_scores.h"
 #include "cuda/attention/flash/bwd_traits.h"
+#include "cuda/attention/flash/nonfinite.h"
 
 namespace longattn::cuda::flash {
 
@@ -91,15 +92,33 @@ BWD_DEVICE void dkdv_block(const BwdParams& bp, char* smem, int n_block, int hk,
   clear(acc_dk);
   clear(acc_dv);
 
+  auto load_k = [&]() {
+    const Elem* k = static_cast<const Elem*>(p.k) + k_offset(p, si, b, hk) + j0 * p.k_row_stride;
+    load_tile<Kt>(make_tensor(make_gmem_ptr(k), Shape<Int<N>, Int<D>>{}, make_stride(p.k_row_stride, _1{})), sK, nk, tid);
+  };
+  // This thread's cp.async shares of K and of a Q buffer (nonfinite.h).
+  const auto gmem_thr = typename Kt::GmemLoad{}.get_thread_slice(tid);
+  Tensor k_share = gmem_thr.partition_D(sK);
+
+  // A non-finite K row (atomic dQ only): dQ = dS K pairs masked entries (dS = 0) with K rows,
+  // but S = Q K^T needs the raw K, and K stays for every query tile. So the block is scanned
+  // once; a masked tile of a block that holds one marks its dQ rows that see such a key NaN,
+  // zeroes the non-finite values for its dQ product, and reloads the raw K from global memory
+  // after it (no second K buffer in shared memory for a case that finite inputs never pay for).
+  bool k_bad = false;
   int t = next_tile(0);
   if (t < n_tiles) {
-    const Elem* k = static_cast<const Elem*>(p.k) + k_offset(p, si, b, hk) + j0 * p.k_row_stride;
+    load_k();
+    Ops::cp_async_fence();
     const Elem* v = static_cast<const Elem*>(p.v) + v_offset(p, si, b, hk) + j0 * p.v_row_stride;
-    load_tile<Kt>(make_tensor(make_gmem_ptr(k), Shape<Int<N>, Int<D>>{}, make_stride(p.k_row_stride, _1{})), sK, nk, tid);
     load_tile<Kt>(make_tensor(make_gmem_ptr(v), Shape<Int<N>, Int<D>>{}, make_stride(p.v_row_stride, _1{})), sV, nk, tid);
     load_q(t, 0);
     load_do(t);
     Ops::cp_async_fence();
+    if (bp.dq_accum != nullptr) {
+      Ops::template cp_async_wait<1>();  // this thread's K copies
+      k_bad = Ops::sync_or(share_has_nonfinite(k_share)) != 0;
+    }
   }
 
   int buf = 0;
@@ -120,7 +139,7 @@ BWD_DEVICE void dkdv_block(const BwdParams& bp, char* smem, int n_block, int hk,
     tile_probs<kSoftcap>(gemm_sdp, acc_s, gcap, smem_q(buf), sK, cS, rw, bp, si, tg, slope);
     store_frag<Kt>(gemm_sdp.mma, convert_frag<Elem>(acc_s), sP, tid);
     Tensor acc_dp = partition_fragment_C(typename Kt::TiledMmaSdP{}, Shape<Int<M>, Int<N>>{});
-    tile_dscores<kSoftcap>(gemm_sdp, acc_dp, acc_s, gcap, sdO, sV, rw);
+    tile_dscores<kSoftcap>(gemm_sdp, acc_dp, acc_s, gcap, sdO, sV, rw, tg);
 
     // The other Q buffer was last read by the previous tile, before this tile's first sync.
     const int t_next = next_tile(t + 1);
@@ -129,7 +148,14 @@ BWD_DEVICE void dkdv_block(const BwdParams& bp, char* smem, int n_block, int hk,
       Ops::cp_async_fence();
     }
     store_frag<Kt>(gemm_sdp.mma, convert_frag<Elem>(acc_dp), sdS, tid);
-    Ops::sync();  // sP, sdS complete
+    Ops::sync();  // sP, sdS complete; every warp is done with S = Q K^T
+    if (tg.masked) {
+      // dK += dS^T Q pairs masked entries (dS = 0) with Q rows: zero this thread's non-finite
+      // Q values (visible at the next barrier). A non-finite q row has a NaN lse, so the keys
+      // it sees get NaN through dS itself.
+      Tensor q_share = gmem_thr.partition_D(smem_q(buf));
+      if (share_has_nonfinite(q_share)) zero_share_nonfinite(q_share);
+    }
 
     gemm_dkv.run(acc_dv, sPt, sdOt);
     Ops::sync();  // every warp is done with sdO
@@ -141,14 +167,29 @@ BWD_DEVICE void dkdv_block(const BwdParams& bp, char* smem, int n_block, int hk,
     if (bp.dq_accum != nullptr) {
       Tensor acc_dq = partition_fragment_C(typename Kt::TiledMmadQ{}, Shape<Int<M>, Int<D>>{});
       clear(acc_dq);
-      gemm_dq.run(acc_dq, sdS, sKt);
       Tensor cdq = typename Kt::TiledMmadQ{}.get_thread_slice(tid).partition_C(
           make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+      const bool k_fix = k_bad && tg.masked;  // see k_bad
+      if (k_fix) {
+        const int64_t p0 = mask.q_start + tg.i0, s0 = mask.k_start + j0;
+        Tensor acc_dq_rc = make_tensor(acc_dq.data(), acc_rowcol(acc_dq.layout()));
+        nan_rows_seeing_nonfinite<Ops, N>(acc_dq_rc, make_tensor(cdq.data(), acc_rowcol(cdq.layout())), sK,
+                                          TileMask(mask, p0, s0, nk), tid % 32);
+        Ops::sync();  // every warp is done scanning K
+        zero_share_nonfinite(k_share);
+        Ops::sync();
+      }
+      gemm_dq.run(acc_dq, sdS, sKt);
       float* dq = bp.dq_accum + out_offset(p, si, b, h) + tg.i0 * ldo;
 #pragma unroll
       for (int i = 0; i < size(acc_dq); ++i) {
         const int row = get<0>(cdq(i));
         if (row < tg.nq) Ops::atomic_add(dq + row * ldo + get<1>(cdq(i)), acc_dq(i));
+      }
+      if (k_fix) {
+        Ops::sync();  // every warp is done with the zeroed K
+        load_k();     // landed by the next tile's (or the epilogue's) wait and barrier
+        Ops::cp_async_fence();
       }
     }
 

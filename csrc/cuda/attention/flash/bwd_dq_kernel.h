@@ -9,6 +9,7 @@
 #pragma once
 #include "cuda/attention/flash/bwd_scores.h"
 #include "cuda/attention/flash/bwd_traits.h"
+#include "cuda/attention/flash/nonfinite.h"
 
 namespace longattn::cuda::flash {
 
@@ -104,6 +105,7 @@ BWD_DEVICE void dq_block(const BwdParams& bp, char* smem, int m_block, int h, in
 
   Tensor acc_dq = partition_fragment_C(typename Kt::TiledMmadQ{}, Shape<Int<M>, Int<D>>{});
   clear(acc_dq);
+  const auto gmem_thr = typename Kt::GmemLoad{}.get_thread_slice(tid);
 
   int buf = 0;
   while (idx < n_list) {
@@ -116,19 +118,41 @@ BWD_DEVICE void dq_block(const BwdParams& bp, char* smem, int m_block, int h, in
     } else {
       Ops::template cp_async_wait<0>();
     }
-    Ops::sync();
+    // dQ += dS K pairs masked entries (dS = 0) with K rows: a masked block scans its K (this
+    // thread's copies, landed for it at the wait), and the barrier tells whether any thread
+    // found a NaN or an infinity.
+    Tensor k_share = gmem_thr.partition_D(smem_k(buf));
+    bool k_bad = false;
+    if (tg.masked) {
+      k_bad = Ops::sync_or(share_has_nonfinite(k_share)) != 0;
+    } else {
+      Ops::sync();
+    }
 
     Tensor acc_s = partition_fragment_C(typename Kt::TiledMmaSdP{}, Shape<Int<M>, Int<N>>{});
     Tensor gcap = make_tensor<SoftcapGrad>(acc_rowcol(acc_s.layout()));  // softcap only
     tile_probs<kSoftcap>(gemm_sdp, acc_s, gcap, sQ, smem_k(buf), cS, rw, bp, si, tg, slope);
     Tensor acc_dp = partition_fragment_C(typename Kt::TiledMmaSdP{}, Shape<Int<M>, Int<N>>{});
-    tile_dscores<kSoftcap>(gemm_sdp, acc_dp, acc_s, gcap, sdO, sV, rw);
+    tile_dscores<kSoftcap>(gemm_sdp, acc_dp, acc_s, gcap, sdO, sV, rw, tg);
     Ops::sync();  // every warp is done with sV
     if (nxt < n_list) {
       load_v(block_at(nxt));
       Ops::cp_async_fence();
     }
     store_frag<Kt>(gemm_sdp.mma, convert_frag<Elem>(acc_dp), sdS, tid);
+    if (k_bad) {
+      // S came from the raw K; the rows that see a non-finite key are NaN (the dense formula
+      // has 0 * inf there even where P = 0), and the dQ product runs on K with its non-finite
+      // values zeroed, so they reach no other row. The buffer is reloaded for a later block.
+      Tensor cdq = typename Kt::TiledMmadQ{}.get_thread_slice(tid).partition_C(
+          make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+      const int64_t p0 = mask.q_start + i0, s0 = mask.k_start + tg.j0;
+      Tensor acc_dq_rc = make_tensor(acc_dq.data(), acc_rowcol(acc_dq.layout()));
+      nan_rows_seeing_nonfinite<Ops, N>(acc_dq_rc, make_tensor(cdq.data(), acc_rowcol(cdq.layout())), smem_k(buf),
+                                        TileMask(mask, p0, s0, tg.nk), tid % 32);
+      Ops::sync();  // every warp is done scanning K
+      zero_share_nonfinite(k_share);
+    }
     Ops::sync();
 
     gemm_dq.run(acc_dq, sdS, smem_kt(buf));

@@ -5,6 +5,7 @@
 // common/scores.h and the mask from common/mask.h.
 #pragma once
 #include <cmath>
+#include <cstring>
 
 #include "common/attention_params.h"
 #include "cuda/attention/flash/bwd_params.h"
@@ -21,6 +22,7 @@ struct TileGeom {
   int64_t i0 = 0, j0 = 0;  // first query row / first key of the tile, in the sequence
   int nq = 0, nk = 0;      // rows / keys inside the sequence (<= the block sizes)
   bool masked = false;     // per-element visibility needed: a partial tile, or keys past the end
+  bool padded = false;     // rows past the end (zero-filled; their P and dS must be exact zeros)
   bool empty = false;      // no visible pair: skipped
 };
 
@@ -34,9 +36,12 @@ BWD_DEVICE TileGeom tile_geom(const SeqInfo& si, int64_t i0, int64_t j0) {
   t.nk = static_cast<int>(min64(kBlockN, si.k_len - j0));
   const int64_t p0 = si.mask.q_start + i0, s0 = si.mask.k_start + j0;
   const TileKind kind = si.mask.classify(p0, p0 + t.nq - 1, s0, s0 + t.nk - 1);
-  // Rows past the end need no mask (their lse is +inf, see load_tile_rows); keys past the end
-  // do (zero-filled K gives finite scores whose exp could overflow).
+  // Keys past the end need the mask (zero-filled K gives finite scores whose exp could
+  // overflow). Rows past the end (lse +inf, see load_tile_rows) get P = 0 from the exponent
+  // while their scores are finite; a non-finite K or V makes their S or dP NaN, which the dK / dV
+  // sums over rows must not see, so they are zeroed by row (see probs_from_scores).
   t.masked = kind != TileKind::kFull || t.nk < kBlockN;
+  t.padded = t.nq < kBlockM;
   t.empty = kind == TileKind::kEmpty;
   return t;
 }
@@ -81,7 +86,9 @@ BWD_DEVICE void load_tile_rows(TileRows<kRows>& r, RowCoords const& rows_rc, con
 }
 
 // s: raw q.k scores (rowcol view) -> P in place. With kSoftcap, gcap (SoftcapGrad) receives
-// d softcap / d x = 1 - tanh^2 per element. Masked and out-of-range elements get P = 0.
+// d softcap / d x = 1 - tanh^2 per element. Masked and out-of-range elements get P = -0 by
+// selection: never NaN, whatever their score (a non-finite q or k, a NaN lse), and marked for
+// grad_scores by the sign of the zero (exp2 never gives -0).
 template <bool kSoftcap, int kRows, class S, class G, class Coords>
 BWD_DEVICE void probs_from_scores(S& s, G& gcap, Coords const& c, const TileRows<kRows>& r,
                                   const BwdParams& bp, const SeqInfo& si, const TileGeom& t,
@@ -120,28 +127,61 @@ BWD_DEVICE void probs_from_scores(S& s, G& gcap, Coords const& c, const TileRows
     const int64_t p0 = si.mask.q_start + t.i0, s0 = si.mask.k_start + t.j0;
 #pragma unroll
     for (int mi = 0; mi < kRows; ++mi) {
-      const int64_t pos = p0 + get<0>(c(mi, 0));
+      const int row = get<0>(c(mi, 0));
+      const int64_t pos = p0 + row;
 #pragma unroll
       for (int ni = 0; ni < kCols; ++ni) {
         const int col = get<1>(c(0, ni));
-        if (col >= t.nk || !si.mask.visible(pos, s0 + col)) s(mi, ni) = 0.f;
+        if (row >= t.nq || col >= t.nk || !si.mask.visible(pos, s0 + col)) s(mi, ni) = -0.f;
+      }
+    }
+  } else if (t.padded) {
+#pragma unroll
+    for (int mi = 0; mi < kRows; ++mi) {
+      if (get<0>(c(mi, 0)) >= t.nq) {
+#pragma unroll
+        for (int ni = 0; ni < kCols; ++ni) s(mi, ni) = -0.f;
       }
     }
   }
 }
 
+// Whether x is -0, the mark of a masked P (see probs_from_scores); a NaN P may carry the sign
+// bit too (the host's default NaN does), so the test is on all bits.
+BWD_DEVICE bool is_neg_zero(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x) == 0x80000000u;
+#else
+  uint32_t i;
+  std::memcpy(&i, &x, sizeof(i));
+  return i == 0x80000000u;
+#endif
+}
+
 // dp: dO V^T (rowcol view) -> the gradient of the raw q.k scores without the softmax scale
-// (applied once to dQ and dK at the end): P (dP - delta) [* (1 - tanh^2)] * fac.
+// (applied once to dQ and dK at the end): P (dP - delta) [* (1 - tanh^2)] * fac. With
+// `select` (a masked or padded tile), entries whose P is the masked -0 get dS = 0 exactly: the
+// product would be NaN where dP is not finite (a non-finite V row) or delta is NaN (a NaN
+// output row), and masked pairs must contribute nothing.
 template <bool kSoftcap, int kRows, class DP, class S, class G>
-BWD_DEVICE void grad_scores(DP& dp, S const& s, G const& gcap, const TileRows<kRows>& r) {
+BWD_DEVICE void grad_scores(DP& dp, S const& s, G const& gcap, const TileRows<kRows>& r, bool select) {
   constexpr int kCols = decltype(size<1>(s))::value;
+  const auto ds = [&](int mi, int ni) {
+    float v = s(mi, ni) * (dp(mi, ni) - r.delta[mi]);
+    if constexpr (kSoftcap) v *= static_cast<float>(gcap(mi, ni));
+    return v * r.fac[mi];
+  };
+  if (select) {
 #pragma unroll
-  for (int mi = 0; mi < kRows; ++mi) {
+    for (int mi = 0; mi < kRows; ++mi) {
 #pragma unroll
-    for (int ni = 0; ni < kCols; ++ni) {
-      float v = s(mi, ni) * (dp(mi, ni) - r.delta[mi]);
-      if constexpr (kSoftcap) v *= static_cast<float>(gcap(mi, ni));
-      dp(mi, ni) = v * r.fac[mi];
+      for (int ni = 0; ni < kCols; ++ni) dp(mi, ni) = is_neg_zero(s(mi, ni)) ? 0.f : ds(mi, ni);
+    }
+  } else {
+#pragma unroll
+    for (int mi = 0; mi < kRows; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < kCols; ++ni) dp(mi, ni) = ds(mi, ni);
     }
   }
 }
@@ -160,11 +200,11 @@ BWD_DEVICE void tile_probs(Gemm const& gemm, AccS& acc_s, G& gcap, SQ const& sQ,
 // dP = dO V^T into acc_dp, then dS in place (grad_scores) from P in acc_s.
 template <bool kSoftcap, int kRows, class Gemm, class AccDP, class AccS, class G, class SdO, class SV>
 BWD_DEVICE void tile_dscores(Gemm const& gemm, AccDP& acc_dp, AccS const& acc_s, G const& gcap, SdO const& sdO,
-                             SV const& sV, const TileRows<kRows>& r) {
+                             SV const& sV, const TileRows<kRows>& r, const TileGeom& t) {
   clear(acc_dp);
   gemm.run(acc_dp, sdO, sV);
   Tensor ds = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
-  grad_scores<kSoftcap>(ds, make_tensor(acc_s.data(), acc_rowcol(acc_s.layout())), gcap, r);
+  grad_scores<kSoftcap>(ds, make_tensor(acc_s.data(), acc_rowcol(acc_s.layout())), gcap, r, t.masked || t.padded);
 }
 
 }  // namespace longattn::cuda::flash

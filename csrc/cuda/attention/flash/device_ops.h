@@ -3,8 +3,8 @@
 // substitutes warp-collective emulations of the same instructions.
 //
 // FlashDeviceOps is what the GPU runs: mma.sync m16n8k16 (fp32 accumulation), ldmatrix (plain
-// and transposed), 16-byte cp.async with its commit / wait, __syncthreads, atomicAdd and
-// shuffles.
+// and transposed), 16-byte cp.async with its commit / wait, __syncthreads (also its OR
+// reduction), atomicAdd, shuffles and ballots.
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
@@ -26,6 +26,8 @@ struct FlashDeviceOps {
   using CpAsync = cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>;  // 16 bytes, L2 only
 
   static __device__ __forceinline__ void sync() { __syncthreads(); }
+  // A barrier that also returns whether any thread of the block passed a non-zero value.
+  static __device__ __forceinline__ int sync_or(int pred) { return __syncthreads_or(pred); }
   static __device__ __forceinline__ void cp_async_fence() { cute::cp_async_fence(); }
   template <int N>
   static __device__ __forceinline__ void cp_async_wait() { cute::cp_async_wait<N>(); }
@@ -33,6 +35,7 @@ struct FlashDeviceOps {
   static __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
     return __shfl_xor_sync(0xffffffffu, v, lane_mask);
   }
+  static __device__ __forceinline__ uint32_t ballot(bool pred) { return __ballot_sync(0xffffffffu, pred); }
 };
 #endif
 

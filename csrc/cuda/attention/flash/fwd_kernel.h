@@ -19,6 +19,7 @@
 #include "common/attention_params.h"
 #include "cuda/attention/flash/fwd_softmax.h"
 #include "cuda/attention/flash/mma_utils.h"
+#include "cuda/attention/flash/nonfinite.h"
 #include "cuda/attention/flash/score_tile.h"
 
 namespace longattn::cuda::flash {
@@ -221,12 +222,19 @@ __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int
     if constexpr (!kPlainLogits) {
       transform_scores(s_rc, coord_s_rc, row_scale, softcap, alibi, slope, p0, s0);
     }
-    if (kind != TileKind::kFull || nk < kBlockN) {
-      mask_scores(s_rc, coord_s_rc, TileMask(mask, p0, s0, nk));
-    }
+    const bool partial = kind != TileKind::kFull || nk < kBlockN;
+    if (partial) mask_scores(s_rc, coord_s_rc, TileMask(mask, p0, s0, nk));
 
     Ops::template cp_async_wait<0>();
-    Ops::sync();  // V_t landed for all threads; everyone is done reading K_t
+    // V_t landed for all threads; everyone is done reading K_t. A partial tile's P V pairs
+    // masked entries (P = 0) with V rows, so its V is scanned (this thread's own copies, landed
+    // for it at the wait) and the barrier tells whether any thread found a NaN or an infinity.
+    bool v_bad = false;
+    if (partial) {
+      v_bad = Ops::sync_or(share_has_nonfinite(tVs)) != 0;
+    } else {
+      Ops::sync();
+    }
     const int t_next = tiles.next_visible(mask, t + 1);
     if (t_next < tiles.count) {
       int j0_next, nk_next;
@@ -238,14 +246,24 @@ __device__ __forceinline__ void forward_query_tile(const AttentionParams& p, int
     softmax.update(s_rc, acc_o_rc);
     Tensor probs = convert_fragment<Element>(acc_s);
     Tensor probs_a = make_tensor(probs.data(), acc_as_a_layout(probs.layout()));
+    if (v_bad) {
+      // Rows that see a non-finite V row are NaN (their lse stays finite); then the GEMM runs
+      // on V with its non-finite values zeroed, so they reach no other row (nonfinite.h).
+      nan_rows_seeing_nonfinite<Ops, kBlockN>(acc_o_rc, coord_s_rc, sV, TileMask(mask, p0, s0, nk), thread % 32);
+      Ops::sync();  // the scan of V is done everywhere
+      zero_share_nonfinite(tVs);
+      Ops::sync();
+    }
     gemm_reg_smem(acc_o, probs_a, rVt, ldsm_vt, mma, copy_vt, thread);
     t = t_next;
   }
 
   // ---- epilogue: normalize, lse, O through shared memory ----
-  const float sink = sp.has_sink_logit ? static_cast<float>(p.sink_logit(h)) : -INFINITY;
+  const float sink = sp.has_sink_logit ? static_cast<float>(p.sink_logit(h)) : 0.f;
   float lse[kRows];
-  softmax.finish(acc_o_rc, sink, lse);
+  softmax.finish(acc_o_rc, sp.has_sink_logit, sink, lse, [&](int mi) {
+    return si.mask.row_sees_keys(i0 + get<0>(coord_s_rc(mi, 0)), si.k_len);
+  });
 
   // Lane 0 of each quad writes the lse of its rows (the quad holds the same rows).
   if (get<1>(coord_s_rc(0, 0)) == 0) {

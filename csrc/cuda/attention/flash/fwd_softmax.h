@@ -1,13 +1,14 @@
 // Online softmax of the forward kernel, one thread's rows: running max and partial sum per
 // row, the rescale of the output accumulator when the max grows, and the final
-// normalization with the learned sink logit, lse and the fully-masked-row rule of
-// docs/semantics.md (out 0, lse -inf; only a sink logit: out 0, lse z; never NaN).
+// normalization with the learned sink logit, lse, the fully-masked-row rule and the
+// non-finite rules of docs/semantics.md (common/softmax_row.h).
 //
 // Scores arrive in "score units": raw q.k when the logits are plain (the row scale is folded
 // into the exponent: logit = x * row_scale) or finished logits otherwise (unit 1).
 #pragma once
 #include <cute/tensor.hpp>
 
+#include "common/softmax_row.h"
 #include "cuda/attention/flash/mma_utils.h"
 #include "cuda/attention/flash/score_tile.h"
 
@@ -66,30 +67,26 @@ struct OnlineSoftmax {
     }
   }
 
-  // Normalizes the output rows and returns each row's natural-log lse. sink: the head's
-  // learned sink logit, or -inf without one (a -inf sink adds nothing).
-  template <class Out>
-  __device__ __forceinline__ void finish(Out& o, float sink, float (&lse)[kRows]) {
+  // Normalizes the output rows and returns each row's natural-log lse, by the row rules of
+  // common/softmax_row.h. sink: the head's learned sink logit (has_sink); sees_keys(mi): whether
+  // the mask gives row mi any key, asked only of rows whose max stayed -inf.
+  template <class Out, class SeesKeys>
+  __device__ __forceinline__ void finish(Out& o, bool has_sink, float sink, float (&lse)[kRows],
+                                         const SeesKeys& sees_keys) {
     using namespace cute;
 #pragma unroll
     for (int mi = 0; mi < kRows; ++mi) {
-      float l = quad_sum<Ops>(row_sum[mi]);
-      float m = row_max[mi] == -INFINITY ? -INFINITY : row_max[mi] * unit(mi);
-      float keep = 1.f;  // rescale of the accumulated output when the sink raises the max
-      if (sink != -INFINITY) {
-        if (m == -INFINITY || sink > m) {
-          keep = m == -INFINITY ? 0.f : exp2f((m - sink) * kLog2e);
-          l = l * keep + 1.f;
-          m = sink;
-        } else {
-          l += exp2f((sink - m) * kLog2e);
-        }
-      }
-      const bool empty = m == -INFINITY || !(l > 0.f);
-      const float inv = empty ? 0.f : keep / l;
-      lse[mi] = empty ? -INFINITY : m + logf(l);
+      const float l = quad_sum<Ops>(row_sum[mi]);
+      // update's fmaxf drops a NaN logit from the max, but the NaN reaches the sum (exp2 of NaN,
+      // or inf - inf below an infinite max): a NaN sum is the NaN-keeping max of the row rules.
+      const bool no_max = row_max[mi] == -INFINITY;
+      const float m = l != l ? NAN : no_max ? -INFINITY : row_max[mi] * unit(mi);
+      const RowFinish<float> f = finish_softmax_row<float>(m, l, has_sink, sink, no_max && sees_keys(mi));
+      lse[mi] = f.lse;
+      // A zero scale gives zeros, not o * 0, which a NaN in o would survive (as the CPU kernel).
+      const float scale = f.out_scale;
 #pragma unroll
-      for (int nj = 0; nj < size<1>(o); ++nj) o(mi, nj) *= inv;
+      for (int nj = 0; nj < size<1>(o); ++nj) o(mi, nj) = scale == 0.f ? 0.f : o(mi, nj) * scale;
     }
   }
 };
