@@ -78,6 +78,31 @@ def test_decode_strided_unaligned(dtype, device):
     torch.testing.assert_close(scores, scores0 + inc, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.bfloat16, 128),
+                                     (torch.float16, 256), (torch.float32, 32),
+                                     (torch.float32, 128)])
+@pytest.mark.parametrize("G,n", [(1, 1), (4, 1), (8, 8)])
+def test_decode_head_dims_and_groups(dtype, D, G, n, device):
+    """Key rows of 4 to 32 16-byte vectors, GQA groups of 1 to 64 rows (8 q heads x 8 new
+    tokens), per-head lengths of one key to several tiles per split, a window with sinks: the
+    shapes of the CUDA tile kernel (its splits, row blocks and masked tiles), and the scores."""
+    B, Hkv, C = 1 if G * n > 8 else 2, 2, 900
+    lengths = [900, 1, 513, 0][: B * Hkv]
+    k, v, lens, pos = _cache(B, Hkv, C, D, dtype, lengths, pos_gaps=True, device=device)
+    q = torch.randn(B, G * Hkv, n, D).to(dtype).to(device)
+    top = pos.gather(2, (lens.long() - 1).clamp(min=0)[..., None]).amax(dim=(1, 2))
+    kw = dict(positions=pos, q_positions=top[:, None] - torch.arange(n - 1, -1, -1, device=device),
+              window=400, sinks=3)
+    scores0 = torch.rand(B, Hkv, C, device=device)
+    scores = scores0.clone()
+    out, lse = kvc.decode_attention(q, k, v, lens, scores=scores, **kw)
+    out_ref, lse_ref, p = decode_attention_ref(q, k, v, lens, **kw)
+    torch.testing.assert_close(out, out_ref, **TOL[dtype])
+    torch.testing.assert_close(lse, lse_ref, **TOL[torch.float32])
+    inc = p.view(B, Hkv, G, n, C).sum((2, 3)).float()
+    torch.testing.assert_close(scores, scores0 + inc, atol=1e-4, rtol=1e-4)
+
+
 def test_scores_equal_eager_softmax(device):
     """The accumulated scores are the eager softmax probabilities summed over the q heads of
     each kv head and over several decode steps."""

@@ -34,14 +34,17 @@ cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& lengths, const std::optional<at::Tensor>& positions,
-    const std::optional<at::Tensor>& q_positions, double scale, int64_t window, int64_t sinks,
-    const std::optional<at::Tensor>& scores) {
+kv::SlotStrides cache_strides(const at::Tensor& t) {  // (B, H, C, ...): x = b, y = slot
+  return {t.stride(0), t.stride(2), t.stride(1)};
+}
+
+// The decode launch once p holds the cache (k, v, slots, positions, scores and their strides):
+// outputs, scratch sized by the plan (decode_scratch), the launch on q's stream.
+std::tuple<at::Tensor, at::Tensor> run_decode(DecodeParams& p, const DecodeShape& sh,
+                                              const at::Tensor& q, const at::Tensor& lengths,
+                                              const std::optional<at::Tensor>& q_positions,
+                                              double scale, int64_t window, int64_t sinks) {
   constexpr const char* op = "longattn.decode_attention";
-  const DecodeShape sh = check_decode_args(q, k_cache, v_cache, lengths, positions, q_positions,
-                                           scores);
   TORCH_CHECK(sh.D <= kMaxDecodeHeadDim && sh.Dv <= kMaxDecodeHeadDim, op,
               ": head dims up to ", kMaxDecodeHeadDim, " on CUDA, got ", sh.D, " and ", sh.Dv);
   TORCH_CHECK(sh.B <= 65535 && sh.Hkv <= 65535, op, ": batch and kv heads up to 65535 on CUDA");
@@ -52,43 +55,52 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   if (sh.B * sh.Hq * sh.n == 0) return {out, lse};
 
   const at::Tensor qc = q.contiguous();
-  const int64_t R = sh.G * sh.n, chunks = (sh.C + kv::kDecodeChunk - 1) / kv::kDecodeChunk;
-  const auto acc_opts = q.options().dtype(acc);
-  at::Tensor part_out = at::empty({sh.B * sh.Hkv * chunks * R * sh.Dv}, acc_opts);
-  at::Tensor part_lse = at::empty({sh.B * sh.Hkv * chunks * R}, acc_opts);
-  at::Tensor logits;
-  if (scores.has_value()) logits = at::empty({sh.B * sh.Hkv * chunks * R * kv::kDecodeChunk}, acc_opts);
-
-  DecodeParams p;
   p.B = sh.B; p.Hq = sh.Hq; p.Hkv = sh.Hkv; p.G = sh.G; p.n = sh.n;
   p.D = sh.D; p.Dv = sh.Dv; p.C = sh.C;
   p.scale = scale; p.window = window; p.sinks = sinks;
   p.q = qc.const_data_ptr();
-  p.k = k_cache.const_data_ptr();
-  p.v = v_cache.const_data_ptr();
-  strides3(k_cache, p.ks);
-  strides3(v_cache, p.vs);
   p.lengths = lengths_of(lengths);
-  if (positions.has_value()) {
-    p.positions = positions->const_data_ptr<int64_t>();
-    strides3(*positions, p.ps);
-  }
   if (q_positions.has_value()) {
     p.q_positions = q_positions->const_data_ptr<int64_t>();
     p.qps[0] = q_positions->stride(0);
     p.qps[1] = q_positions->stride(1);
   }
-  if (scores.has_value()) {
-    p.scores = scores->data_ptr<float>();
-    strides3(*scores, p.ss);
-    p.logits = logits.data_ptr();
-  }
+  const KernelDtype dtype = kernel_dtype_of(q.scalar_type(), op, "q");
+  const DecodeScratch sz = decode_scratch(p, dtype);
+  const auto acc_opts = q.options().dtype(acc);
+  at::Tensor part_out = at::empty({sz.part_out}, acc_opts);
+  at::Tensor part_lse = at::empty({sz.part_lse}, acc_opts);
+  at::Tensor logits = at::empty({sz.logits}, acc_opts);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
   p.part_out = part_out.data_ptr();
   p.part_lse = part_lse.data_ptr();
-  C10_CUDA_CHECK(launch_decode(p, kernel_dtype_of(q.scalar_type(), op, "q"), stream_of(q)));
+  p.logits = sz.logits > 0 ? logits.data_ptr() : nullptr;
+  C10_CUDA_CHECK(launch_decode(p, dtype, stream_of(q)));
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& lengths, const std::optional<at::Tensor>& positions,
+    const std::optional<at::Tensor>& q_positions, double scale, int64_t window, int64_t sinks,
+    const std::optional<at::Tensor>& scores) {
+  const DecodeShape sh = check_decode_args(q, k_cache, v_cache, lengths, positions, q_positions,
+                                           scores);
+  DecodeParams p;
+  p.k = k_cache.const_data_ptr();
+  p.v = v_cache.const_data_ptr();
+  p.ks = cache_strides(k_cache);
+  p.vs = cache_strides(v_cache);
+  if (positions.has_value()) {
+    p.positions = positions->const_data_ptr<int64_t>();
+    p.ps = cache_strides(*positions);
+  }
+  if (scores.has_value()) {
+    p.scores = scores->data_ptr<float>();
+    p.ss = cache_strides(*scores);
+  }
+  return run_decode(p, sh, q, lengths, q_positions, scale, window, sinks);
 }
 
 void compact_impl(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache,
