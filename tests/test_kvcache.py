@@ -187,6 +187,75 @@ def test_compaction_long_shift(device):
         assert torch.equal(got[0, 1, :1000], ref[0, 1, :1000])
 
 
+def _waited_chunks(keep, n, L, rows, c):
+    """The chunks CUDA's compaction chunk c waits for (csrc/cuda/kvcache/compact_rows_kernel.cu,
+    step 3): from lo, the first row with keep >= c * rows, found by the same 32-way search."""
+    j0 = c * rows
+    lo, hi = max(j0 - (L - n), 0), j0
+    while lo < hi:
+        step = (hi - lo + 31) // 32
+        preds = [q >= hi or keep[q] >= j0 for q in (lo + lane * step for lane in range(32))]
+        f = preds.index(True) if True in preds else 32
+        if f == 0:
+            hi = lo
+        else:
+            if f < 32 and lo + f * step < hi:
+                hi = lo + f * step
+            lo += (f - 1) * step + 1
+    return {w for w in (lo // rows, (lo + rows - 1) // rows) if w < c}
+
+
+@pytest.mark.parametrize("kind", ["streaming", "random", "sparse", "dense"])
+def test_compaction_chunk_waits_cover_every_reader(kind):
+    """The in-place rule of the CUDA compaction: a chunk writes its rows only after every other
+    chunk reading one of them has read; the chunks it waits for (the search above) cover all
+    of those, for every chunk."""
+    g = torch.Generator().manual_seed(len(kind))
+    for L, rows in ((3000, 32), (700, 51), (4096, 256), (90, 1)):
+        if kind == "streaming":
+            keep = list(range(4)) + list(range(L - L // 3, L))
+        elif kind == "random":
+            keep = torch.randperm(L, generator=g)[: L // 2].sort().values.tolist()
+        elif kind == "sparse":
+            keep = list(range(0, L, 37))
+        else:
+            keep = [j for j in range(L) if j % 50 != 7]
+        n = len(keep)
+        for c in range((n + rows - 1) // rows):
+            lo_row, hi_row = c * rows, min((c + 1) * rows, n)
+            readers = {j // rows for j in range(n) if lo_row <= keep[j] < hi_row and j // rows != c}
+            assert readers <= _waited_chunks(keep, n, L, rows, c), (L, rows, c)
+
+
+@pytest.mark.parametrize("kind", ["streaming", "random"])
+def test_compaction_large_in_place(kind, device):
+    """Caches of many chunks per head, sources far from and close to their destinations: on a
+    GPU the chunks of a head run concurrently, so a missed wait shows here."""
+    B, H, C, D = 2, 4, 6000, 128
+    k, v, lens, pos = _cache(B, H, C, D, torch.bfloat16, [C, C - 1, 4999, 17, C, 3000, 1, C],
+                             device=device)
+    K = C // 2
+    keep = torch.full((B, H, K), -1, dtype=torch.int64)
+    counts = torch.zeros(B, H, dtype=torch.int64)
+    for x in range(B * H):
+        L = int(lens.view(-1)[x])
+        n = min(L, K)
+        if kind == "streaming":
+            sel = torch.cat([torch.arange(min(4, n)), torch.arange(L - (n - min(4, n)), L)])
+        else:
+            sel = torch.randperm(L)[:n].sort().values
+        keep.view(-1, K)[x, :n] = sel
+        counts.view(-1)[x] = n
+    keep, counts = keep.to(device), counts.to(device)
+    refs = [compact_ref(t, keep, counts) for t in (k, v, pos)]
+    kvc.compact_(k, v, lens, keep, counts, positions=pos)
+    for got, ref in zip((k, v, pos), refs):
+        for b in range(B):
+            for h in range(H):
+                n = int(counts[b, h])
+                assert torch.equal(got[b, h, :n], ref[b, h, :n])
+
+
 def _rotated_cache(B, H, C, D, dtype, lengths, device, big, strided=False):
     """A cache of keys rotated at increasing positions with gaps (offset by 2**40 when big:
     the exact-angle path of rope_math.h). strided: k and v are views of padded slot rows that

@@ -291,21 +291,30 @@ def test_torch_compile_fullgraph(device):
 # ------------------------------------------------------------------------------------------
 
 
-def test_paged_decode_errors(device):
+def _small_paged(device):
     k, v, pos, scores, lens = _contiguous(1, 2, 32, 8, torch.float32, [32, 20])
     kp, vp, pp, sp, table = (t.to(device) for t in _paged(k, v, pos, scores, 8))
-    lens = lens.to(device)
+    return kp, vp, pp, table, lens.to(device), pos.to(device)
+
+
+def test_paged_decode_shape_errors(device):
+    kp, vp, pp, table, lens, pos = _small_paged(device)
     q = torch.randn(1, 4, 1, 8, device=device)
     with pytest.raises(RuntimeError, match="int32"):
         kvc.decode_attention_paged(q, kp, vp, table.long(), lens)
     with pytest.raises(RuntimeError, match="heads per block"):
         kvc.decode_attention_paged(q, kp.expand(-1, -1, 3, -1), vp.expand(-1, -1, 3, -1), table, lens)
     with pytest.raises(RuntimeError, match="positions"):
-        kvc.decode_attention_paged(q, kp, vp, table, lens, positions=pos.to(device))
-    if device != "cpu":
-        return  # the GPU reads neither the lengths nor the table back: tools/simt_emu tests
+        kvc.decode_attention_paged(q, kp, vp, table, lens, positions=pos)
+
+
+def test_paged_decode_value_errors(device):
+    """The CPU checks the lengths and the blocks they reach (a GPU reads neither back: NaN
+    rows instead, tools/simt_emu/test_emu_cuda_paths.py)."""
+    kp, vp, pp, table, lens, _ = _small_paged(device)
+    q = torch.randn(1, 4, 1, 8, device=device)
     with pytest.raises(RuntimeError, match="lengths must lie"):
-        kvc.decode_attention_paged(q, kp, vp, table, torch.tensor([[33, 20]]))
+        kvc.decode_attention_paged(q, kp, vp, table, torch.tensor([[33, 20]], device=device))
     bad = table.clone()
     bad[0, 1, 2] = -1  # slot 16..23 of head 1 is cached: its block must exist
     with pytest.raises(RuntimeError, match=r"block_table\[0, 1, 2\] = -1"):

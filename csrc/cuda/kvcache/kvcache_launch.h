@@ -81,16 +81,20 @@ DecodeScratch decode_scratch(const DecodeParams& p, KernelDtype dtype);
 // is read back to the host: no synchronization per decode step).
 cudaError_t launch_decode(const DecodeParams& p, KernelDtype dtype, cudaStream_t stream);
 
-// compact_ and compact_rerotate_ (new_positions != null).
+// compact_, compact_rerotate_ (new_positions != null) and compact_paged_ (slots.paged()): the
+// per-slot tensors reached through slots (common/kv_slots.h), the table read as it was before
+// the call.
 struct CompactParams {
   int64_t B = 0, H = 0, C = 0, K = 0;
-  void* k = nullptr;  // (B, H, C, D), strides of b, h, slot; head dim contiguous
+  void* k = nullptr;  // head dim contiguous
   void* v = nullptr;
-  int64_t D = 0, Dv = 0, ks[3] = {0, 0, 0}, vs[3] = {0, 0, 0};
-  int64_t* positions = nullptr;  // (B, H, C) or null (compact_ only)
-  int64_t ps[3] = {0, 0, 0};
-  float* scores = nullptr;  // (B, H, C) or null
-  int64_t ss[3] = {0, 0, 0};
+  int64_t D = 0, Dv = 0;
+  kv::SlotMap slots;
+  kv::SlotStrides ks, vs;
+  int64_t* positions = nullptr;  // or null (compact_ only)
+  kv::SlotStrides ps;
+  float* scores = nullptr;  // or null
+  kv::SlotStrides ss;
   const int64_t* keep = nullptr;          // contiguous (B, H, K)
   const int64_t* keep_lengths = nullptr;  // contiguous (B * H)
   KvLengths lengths;                      // read only: the host writes the new lengths
@@ -101,21 +105,28 @@ struct CompactParams {
   bool inv_freq_fp64 = false;
   int64_t rotary_dim = 0;
   bool interleaved = false;
-  // Scratch: status (B * H) int32, see below; error_flag: one int32, zeroed by the launch;
-  // shifts (B * H * K) int64, compact_rerotate_ only.
-  int32_t* status = nullptr;
-  int32_t* error_flag = nullptr;
-  int64_t* shifts = nullptr;
+  // Paged: the new block table (B, H, max_blocks), contiguous, for the host to copy in once the
+  // status is clean (-1 past each head's kept blocks).
+  int32_t* new_table = nullptr;
+  // int32 scratch of compact_scratch_size elements (the launch zeroes what needs it).
+  int32_t* scratch = nullptr;
 };
 
-// status[b * H + h] after launch_compact: kKeepOk, kBadLength (lengths outside [0, C]),
-// kBadKeepLength (keep_lengths outside [0, K]), or the first bad entry j >= 0 of keep[b, h]
-// (not strictly ascending, or outside [0, length)). When any (b, h) is bad nothing moves.
+// Elements of CompactParams::scratch; its head, B * H values per head, is the status:
+int64_t compact_scratch_size(const CompactParams& p, KernelDtype dtype);
+
+// status[b * H + h] (scratch[0 .. B * H)) after launch_compact: kKeepOk, kBadLength (lengths
+// outside [0, C]), kBadKeepLength (keep_lengths outside [0, K]), or the first bad entry j >= 0 of
+// keep[b, h] (not strictly ascending, or outside [0, length)). Paged, block_status[b * H + h]
+// (scratch[B * H .. 2 * B * H)): kKeepOk, or 2 * i + kind for the first table entry i of the
+// head's cached slots that names no block of the pool (kind 0) or a block an earlier entry in
+// (b, h, i) order names too (kind 1). When any is bad nothing moves.
 constexpr int32_t kKeepOk = -1;
 constexpr int32_t kBadLength = -2;
 constexpr int32_t kBadKeepLength = -3;
 
-// Validation kernel, then the in-place moves (skipped on device when the flag is set).
+// Validation (and, paged, the remap plan), then the in-place moves (skipped on the device when
+// anything is bad).
 cudaError_t launch_compact(const CompactParams& p, KernelDtype dtype, cudaStream_t stream);
 
 }  // namespace longattn::cuda

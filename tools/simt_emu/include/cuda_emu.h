@@ -352,6 +352,20 @@ inline int __any_sync(unsigned mask, int pred) {
   return any;
 }
 
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  const int lane = emu::lane();
+  if (!((mask >> lane) & 1)) emu::fail("__ballot_sync: calling lane not in mask");
+  emu::Group& grp = emu::group(mask);
+  const int set = static_cast<int>(grp.bar.gen & 1);
+  grp.slots[set][lane][0] = pred != 0;
+  emu::wait_on(grp.bar);  // every lane of the mask has published its vote
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= (((mask >> l) & 1) && grp.slots[set][l][0]) ? 1u << l : 0u;
+  return bits;
+}
+
+inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(x)) + 1; }
+
 // Fibers switch only at barriers, so a read-modify-write is atomic as it stands.
 inline int atomicAdd(int* address, int v) {
   const int old = *address;
