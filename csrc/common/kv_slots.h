@@ -49,6 +49,20 @@ struct SlotMap {
     const int64_t id = block_id(b, h, j / block_size);
     return {id >= 0 && id < num_blocks ? id : -1, j % block_size};
   }
+
+  // locate for slots [j0, j1) into out[0 .. j1 - j0), one table read and one division per
+  // block rather than per slot (a key's worth of work is small next to them on the CPU).
+  LONGATTN_HD void locate_range(int64_t b, int64_t h, int64_t j0, int64_t j1, Slot* out) const {
+    if (table == nullptr) {
+      for (int64_t j = j0; j < j1; ++j) out[j - j0] = {b, j};
+      return;
+    }
+    for (int64_t j = j0; j < j1;) {
+      const Slot first = locate(b, h, j);
+      const int64_t end = j + (block_size - first.y) < j1 ? j + (block_size - first.y) : j1;
+      for (int64_t y = first.y; j < end; ++j, ++y) out[j - j0] = {first.x, y};
+    }
+  }
 };
 
 }  // namespace longattn::kv

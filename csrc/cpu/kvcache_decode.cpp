@@ -89,14 +89,33 @@ inline const C* as_compute(const T* src, C* buf, int64_t D) {
   }
 }
 
+// A paged cache's next block is elsewhere in memory, where the hardware prefetchers (which
+// follow a stream) do not look: the rows kPrefetchAhead keys ahead are requested by hand, every
+// cache line (measured on a 2-core Zen 4, fp32, blocks of 16 in a shuffled pool: 0.53x the
+// contiguous cache's speed without, 0.78x with; one line in two, or only each block's first
+// rows, gain little). gcc dropped __builtin_prefetch here, hence the instruction itself.
+constexpr int64_t kPrefetchAhead = 16;
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t o = 0; o < bytes; o += 64) {
+#if defined(__x86_64__)
+    asm volatile("prefetcht0 %0" ::"m"(p[o]));
+#else
+    __builtin_prefetch(p + o);
+#endif
+  }
+}
+
 template <typename T>
 struct DecodeScratch {
   using C = acc_t<T>;
   std::vector<C> qf, kf, vf, s, acc, m, l;
   std::vector<uint8_t> vis;  // per (row, key) of the chunk: visible by the mask
+  std::vector<kv::Slot> slot;  // where each key of the chunk lives
   DecodeScratch(int64_t R, int64_t D, int64_t Dv)
       : qf(R * D), kf(D), vf(Dv), s(R * kv::kDecodeChunk), acc(R * Dv), m(R), l(R),
-        vis(R * kv::kDecodeChunk) {}
+        vis(R * kv::kDecodeChunk), slot(kv::kDecodeChunk) {}
 };
 
 // Logits of the item's rows against keys [j0, j1), masked to -inf. Returns per-row maxima.
@@ -113,8 +132,12 @@ void item_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t j0, int64_t 
   }
   const C scale = static_cast<C>(a.scale);
   const T* kbase = static_cast<const T*>(a.k);
+  const bool paged = a.slots.paged();
   for (int64_t j = j0; j < j1; ++j) {
-    const kv::Slot slot = a.slots.locate(b, h, j);
+    const kv::Slot slot = w.slot[j - j0];
+    if (paged && j + kPrefetchAhead < j1) {
+      prefetch_row(kbase + a.ks.offset(w.slot[j + kPrefetchAhead - j0], h), D * sizeof(T));
+    }
     const C* kr = as_compute<T, C>(kbase + a.ks.offset(slot, h), w.kf.data(), D);
     const int64_t kpos = a.pos ? a.pos[a.ps.offset(slot, h)] : j;
     for (int64_t r = 0; r < R; ++r) {
@@ -153,6 +176,7 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
         C* pl = part_lse.data() + it * R;
         std::fill(po, po + R * a.Dv, C(0));
         if (j0 >= j1) return;
+        a.slots.locate_range(b, h, j0, j1, w.slot.data());
         item_logits<T>(a, b, h, j0, j1, w);
         if (logits) std::copy(w.s.begin(), w.s.begin() + R * CH, logits.get() + it * R * CH);
         for (int64_t r = 0; r < R; ++r) {
@@ -167,8 +191,12 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
         std::fill(w.acc.begin(), w.acc.end(), C(0));
         const T* vbase = static_cast<const T*>(a.v);
         for (int64_t j = j0; j < j1; ++j) {
-          const C* vr = as_compute<T, C>(vbase + a.vs.offset(a.slots.locate(b, h, j), h),
-                                         w.vf.data(), a.Dv);
+          if (a.slots.paged() && j + kPrefetchAhead < j1) {
+            prefetch_row(vbase + a.vs.offset(w.slot[j + kPrefetchAhead - j0], h),
+                         a.Dv * sizeof(T));
+          }
+          const C* vr = as_compute<T, C>(vbase + a.vs.offset(w.slot[j - j0], h), w.vf.data(),
+                                         a.Dv);
           for (int64_t r = 0; r < R; ++r) {
             if (w.m[r] == ninf) continue;
             const C p = w.s[r * CH + (j - j0)];
@@ -244,9 +272,9 @@ void decode_kernel(const DecodeArgs& a, at::Tensor& out, at::Tensor& lse) {
           }
           for (int64_t j = 0; j < nj; ++j) total[j] += tmp[j];
         }
-        for (int64_t j = 0; j < nj; ++j) {
-          a.scores[a.ss.offset(a.slots.locate(b, h, j0 + j), h)] += static_cast<float>(total[j]);
-        }
+        std::vector<kv::Slot> slot(nj);
+        a.slots.locate_range(b, h, j0, j1, slot.data());
+        for (int64_t j = 0; j < nj; ++j) a.scores[a.ss.offset(slot[j], h)] += static_cast<float>(total[j]);
       });
 }
 
