@@ -1,6 +1,7 @@
 """KV-cache benchmarks: compaction throughput, compaction with key re-rotation (StreamingLLM's
 position shift) fused or as compact_ + rerotate_keys, decode attention with score
-accumulation, memory of true per-head lengths.
+accumulation, decode and compaction of a paged cache against the contiguous one, memory of true
+per-head lengths.
 
     python bench/bench_kvcache.py [--quick] [--device cpu|cuda]
 
@@ -138,6 +139,80 @@ def bench_decode(B, Hq, Hkv, C, D, dtype, reps):
           f"plain {core.ratio(res['sdpa'], res['ours']):.2f}x; ours {gb / res['ours'].median:.1f} GB/s of K+V")
 
 
+def _paged_copy(t, bs, perm):
+    """(B, H, C, ...) as a pool (B*H*C/bs, bs, 1, ...) whose block perm[b, h, i] holds slots
+    [i*bs, (i+1)*bs) of (b, h): every head's blocks scattered over the pool."""
+    B, H, C = t.shape[:3]
+    pool = torch.empty((B * H * (C // bs), bs) + t.shape[3:], dtype=t.dtype, device=t.device)
+    pool[perm.flatten().long()] = t.reshape((-1, bs) + t.shape[3:])
+    return pool.unsqueeze(2)
+
+
+def bench_paged_decode(B, Hq, Hkv, C, D, dtype, reps, bs=16):
+    """decode_attention_paged over blocks of bs keys in a shuffled pool order vs
+    decode_attention over the same contiguous cache (with the fused scores, and without)."""
+    dev = DEVICE
+    k = torch.randn(B, Hkv, C, D, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    q = torch.randn(B, Hq, 1, D, dtype=dtype, device=dev)
+    lens = torch.full((B, Hkv), C, dtype=torch.int32, device=dev)
+    perm = torch.randperm(B * Hkv * (C // bs), device=dev).view(B, Hkv, C // bs).int()
+    kp, vp = _paged_copy(k, bs, perm), _paged_copy(v, bs, perm)
+    s = torch.zeros(B, Hkv, C, device=dev)
+    sp = torch.zeros(kp.shape[:3], device=dev)
+
+    res = timing.compare(dict(
+        contiguous=lambda: kvc.decode_attention(q, k, v, lens),
+        paged=lambda: kvc.decode_attention_paged(q, kp, vp, perm, lens),
+        contiguous_scores=lambda: kvc.decode_attention(q, k, v, lens, scores=s),
+        paged_scores=lambda: kvc.decode_attention_paged(q, kp, vp, perm, lens, scores=sp)),
+        reps, DEVICE)
+    gb = 2 * k.numel() * k.element_size() / 1e9
+    print(f"paged decode B={B} Hq={Hq} Hkv={Hkv} C={C} D={D} block {bs} {str(dtype)[6:]}: "
+          + "  ".join(f"{n} {ms(m):.3f} ms" for n, m in res.items())
+          + f"  | paged/contiguous speed {core.ratio(res['contiguous'], res['paged']):.2f}x, "
+          f"with scores {core.ratio(res['contiguous_scores'], res['paged_scores']):.2f}x; "
+          f"paged {gb / res['paged'].median:.1f} GB/s of K+V")
+
+
+def bench_paged_compaction(B, H, C, D, keep_frac, dtype, reps, bs=16):
+    """compact_paged_ (remapping whole kept blocks, moving the rest in place) vs compact_ on the
+    same cache, H2O-like (sinks, recent window, scattered middle) and block-aligned evictions."""
+    dev = DEVICE
+    k = torch.randn(B, H, C, D, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    pos = torch.arange(C, device=dev).expand(B, H, C).contiguous()
+    lens = torch.full((B, H), C, dtype=torch.int32, device=dev)
+    perm = torch.randperm(B * H * (C // bs), device=dev).view(B, H, C // bs).int()
+    kp, vp, pp = _paged_copy(k, bs, perm), _paged_copy(v, bs, perm), _paged_copy(pos, bs, perm)
+    n = int(C * keep_frac)
+    for kind in ("scattered", "whole blocks"):
+        if kind == "scattered":
+            keep, counts = kvc.select_keep(torch.rand(B, H, C, device=dev), lens, 4, 64, n)
+        else:  # every other run of 4 blocks: nothing to move, only the table
+            slot = torch.arange(C, device=dev)
+            kept = slot[(slot // (4 * bs)) % 2 == 0][:n]
+            keep = kept.expand(B, H, kept.numel()).contiguous()
+            counts = torch.full((B, H), kept.numel(), dtype=torch.int64, device=dev)
+        state = {}
+
+        def reset():
+            state.update(k=k.clone(), v=v.clone(), p=pos.clone(), l=lens.clone(), kp=kp.clone(),
+                         vp=vp.clone(), pp=pp.clone(), t=perm.clone(), lp=lens.clone())
+
+        res = timing.compare(dict(
+            compact_=lambda: kvc.compact_(state["k"], state["v"], state["l"], keep, counts,
+                                          positions=state["p"]),
+            compact_paged_=lambda: kvc.compact_paged_(state["kp"], state["vp"], state["t"],
+                                                      state["lp"], keep, counts,
+                                                      positions=state["pp"])),
+            reps, DEVICE, reset=reset)
+        print(f"paged compaction B={B} H={H} C={C} D={D} keep={int(counts.max())} {kind} "
+              f"{str(dtype)[6:]}: "
+              + "  ".join(f"{name} {ms(m):.2f} ms" for name, m in res.items())
+              + f"  speedup {core.ratio(res['compact_'], res['compact_paged_']):.2f}x")
+
+
 def memory_per_head(B, H, D, C, budgets):
     """Bytes of K+V: padded to the longest head (masking) vs packed per-head lengths (what a
     paged / per-head allocator could hold; our dense buffer holds capacity)."""
@@ -152,11 +227,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--only", default="", help="comma list of compaction,shift,decode,memory")
+    ap.add_argument("--only", default="",
+                    help="comma list of compaction,shift,decode,paged,memory")
     a = ap.parse_args()
     global DEVICE
     DEVICE = a.device
-    only = set(a.only.split(",")) if a.only else {"compaction", "shift", "decode", "memory"}
+    only = set(a.only.split(",")) if a.only else {"compaction", "shift", "decode", "paged",
+                                                    "memory"}
     reps = 3 if a.quick else 9
     C = 4096 if a.quick else 16384
     where = (torch.cuda.get_device_name() if DEVICE == "cuda"
@@ -171,6 +248,10 @@ def main():
     if "decode" in only:
         for dtype in (torch.float32, torch.bfloat16):
             bench_decode(1, 32, 8, C, 128, dtype, reps)
+    if "paged" in only:
+        for dtype in (torch.float32, torch.bfloat16):
+            bench_paged_decode(1, 32, 8, C, 128, dtype, reps)
+        bench_paged_compaction(1, 8, C, 128, 0.5, torch.bfloat16, reps)
     if "memory" in only:
         memory_per_head(1, 8, 128, C, [C // 8, C // 4, C // 2, C, C // 8, C // 16, C // 4, C // 2])
 

@@ -78,4 +78,22 @@ TORCH_LIBRARY(longattn, m) {
       "compact_rerotate_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) positions, "
       "Tensor(d!)? scores, Tensor(e!) lengths, Tensor keep, Tensor keep_lengths, "
       "Tensor new_positions, Tensor inv_freq, int rotary_dim, bool interleaved) -> ()");
+  // Paged caches (common/kv_slots.h): pools (num_blocks, block_size, Hp, D) with Hp 1 (blocks
+  // per (b, h)) or Hkv (a block per sequence holds every head), block_table (B, Hkv, max_blocks)
+  // int32, positions / scores (num_blocks, block_size, Hp); slot j of (b, h) lives in block
+  // block_table[b, h, j // block_size] at row j % block_size. decode_attention on it, read in
+  // place (no gathering): the same results as on the equivalent contiguous cache.
+  m.def(
+      "decode_attention_paged(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, "
+      "Tensor lengths, Tensor? positions, Tensor? q_positions, float scale, int window, "
+      "int sinks, Tensor(a!)? scores) -> (Tensor out, Tensor lse)");
+  // compact_ (with new_positions and inv_freq: compact_rerotate_) on a paged cache of blocks per
+  // (b, h): new blocks whose kept rows already fill one old block at their offsets keep it (the
+  // table is remapped, nothing moves), the others receive their rows in place; block_table
+  // then names the kept blocks, -1 past them (the evicted blocks are free).
+  m.def(
+      "compact_paged_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!)? positions, "
+      "Tensor(d!)? scores, Tensor(e!) block_table, Tensor(f!) lengths, Tensor keep, "
+      "Tensor keep_lengths, Tensor? new_positions, Tensor? inv_freq, int rotary_dim, "
+      "bool interleaved) -> ()");
 }

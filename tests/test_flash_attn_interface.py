@@ -188,6 +188,35 @@ def test_kvcache_append_and_rotary(n_new, causal, window, interleaved):
         torch.testing.assert_close(lse[b:b + 1].float(), ref_lse, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (20, 0))])
+@pytest.mark.parametrize("n_new", [0, 4])
+def test_kvcache_paged_equals_contiguous(n_new, causal, window):
+    """block_table: the same cache in pages of 8 tokens, in a shuffled order of the pool, gives
+    the contiguous cache's results and receives the new tokens in the right pages."""
+    B, H, Hk, D, C, Lq, bs = 3, 4, 2, 32, 64, 2, 8
+    g = torch.Generator().manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    k_cache, v_cache = mk(B, C, Hk, D), mk(B, C, Hk, D)
+    seqlens = torch.tensor([10, 40, 55], dtype=torch.int32)
+    q = mk(B, Lq, H, D)
+    k_new, v_new = (mk(B, n_new, Hk, D), mk(B, n_new, Hk, D)) if n_new else (None, None)
+    M = C // bs
+    perm = torch.randperm(B * M + 3, generator=g)[: B * M]
+    table = perm.view(B, M).int()
+    k_pages = mk(B * M + 3, bs, Hk, D)
+    v_pages = mk(B * M + 3, bs, Hk, D)
+    k_pages[perm] = k_cache.reshape(B * M, bs, Hk, D)
+    v_pages[perm] = v_cache.reshape(B * M, bs, Hk, D)
+    kw = dict(cache_seqlens=seqlens, causal=causal, window_size=window, return_softmax_lse=True)
+    ref, ref_lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kw)
+    out, lse = fa.flash_attn_with_kvcache(q, k_pages, v_pages, k_new, v_new, block_table=table,
+                                          **kw)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
+    torch.testing.assert_close(k_pages[perm].reshape(B, C, Hk, D), k_cache, atol=0, rtol=0)
+    torch.testing.assert_close(v_pages[perm].reshape(B, C, Hk, D), v_cache, atol=0, rtol=0)
+
+
 def test_kvcache_batch_idx_and_full_cache():
     B, H, D, C = 2, 2, 16, 40
     k_cache, v_cache = torch.randn(4, C, H, D, dtype=torch.float64), torch.randn(4, C, H, D, dtype=torch.float64)
@@ -204,6 +233,7 @@ def test_unsupported_arguments_are_clear():
     with pytest.raises(ValueError, match="dropout_p"):
         fa.flash_attn_func(q, k, v, dropout_p=0.1)
     with pytest.raises(NotImplementedError, match="block_table"):
-        fa.flash_attn_with_kvcache(q, k, v, block_table=torch.zeros(1, 1, dtype=torch.int32))
+        fa.flash_attn_with_kvcache(q, k, v, block_table=torch.zeros(1, 1, dtype=torch.int32),
+                                   softcap=5.0)
     with pytest.raises(ValueError, match="window_size"):
         fa.flash_attn_func(q, k, v, window_size=5)

@@ -78,6 +78,31 @@ def test_decode_strided_unaligned(dtype, device):
     torch.testing.assert_close(scores, scores0 + inc, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.bfloat16, 128),
+                                     (torch.float16, 256), (torch.float32, 32),
+                                     (torch.float32, 128)])
+@pytest.mark.parametrize("G,n", [(1, 1), (4, 1), (8, 8)])
+def test_decode_head_dims_and_groups(dtype, D, G, n, device):
+    """Key rows of 4 to 32 16-byte vectors, GQA groups of 1 to 64 rows (8 q heads x 8 new
+    tokens), per-head lengths of one key to several tiles per split, a window with sinks: the
+    shapes of the CUDA tile kernel (its splits, row blocks and masked tiles), and the scores."""
+    B, Hkv, C = 1 if G * n > 8 else 2, 2, 900
+    lengths = [900, 1, 513, 0][: B * Hkv]
+    k, v, lens, pos = _cache(B, Hkv, C, D, dtype, lengths, pos_gaps=True, device=device)
+    q = torch.randn(B, G * Hkv, n, D).to(dtype).to(device)
+    top = pos.gather(2, (lens.long() - 1).clamp(min=0)[..., None]).amax(dim=(1, 2))
+    kw = dict(positions=pos, q_positions=top[:, None] - torch.arange(n - 1, -1, -1, device=device),
+              window=400, sinks=3)
+    scores0 = torch.rand(B, Hkv, C, device=device)
+    scores = scores0.clone()
+    out, lse = kvc.decode_attention(q, k, v, lens, scores=scores, **kw)
+    out_ref, lse_ref, p = decode_attention_ref(q, k, v, lens, **kw)
+    torch.testing.assert_close(out, out_ref, **TOL[dtype])
+    torch.testing.assert_close(lse, lse_ref, **TOL[torch.float32])
+    inc = p.view(B, Hkv, G, n, C).sum((2, 3)).float()
+    torch.testing.assert_close(scores, scores0 + inc, atol=1e-4, rtol=1e-4)
+
+
 def test_scores_equal_eager_softmax(device):
     """The accumulated scores are the eager softmax probabilities summed over the q heads of
     each kv head and over several decode steps."""
@@ -160,6 +185,75 @@ def test_compaction_long_shift(device):
     for got, ref in zip((k, v, pos), refs):
         assert torch.equal(got[0, 0, :1004], ref[0, 0, :1004])
         assert torch.equal(got[0, 1, :1000], ref[0, 1, :1000])
+
+
+def _waited_chunks(keep, n, L, rows, c):
+    """The chunks CUDA's compaction chunk c waits for (csrc/cuda/kvcache/compact_rows_kernel.cu,
+    step 3): from lo, the first row with keep >= c * rows, found by the same 32-way search."""
+    j0 = c * rows
+    lo, hi = max(j0 - (L - n), 0), j0
+    while lo < hi:
+        step = (hi - lo + 31) // 32
+        preds = [q >= hi or keep[q] >= j0 for q in (lo + lane * step for lane in range(32))]
+        f = preds.index(True) if True in preds else 32
+        if f == 0:
+            hi = lo
+        else:
+            if f < 32 and lo + f * step < hi:
+                hi = lo + f * step
+            lo += (f - 1) * step + 1
+    return {w for w in (lo // rows, (lo + rows - 1) // rows) if w < c}
+
+
+@pytest.mark.parametrize("kind", ["streaming", "random", "sparse", "dense"])
+def test_compaction_chunk_waits_cover_every_reader(kind):
+    """The in-place rule of the CUDA compaction: a chunk writes its rows only after every other
+    chunk reading one of them has read; the chunks it waits for (the search above) cover all
+    of those, for every chunk."""
+    g = torch.Generator().manual_seed(len(kind))
+    for L, rows in ((3000, 32), (700, 51), (4096, 256), (90, 1)):
+        if kind == "streaming":
+            keep = list(range(4)) + list(range(L - L // 3, L))
+        elif kind == "random":
+            keep = torch.randperm(L, generator=g)[: L // 2].sort().values.tolist()
+        elif kind == "sparse":
+            keep = list(range(0, L, 37))
+        else:
+            keep = [j for j in range(L) if j % 50 != 7]
+        n = len(keep)
+        for c in range((n + rows - 1) // rows):
+            lo_row, hi_row = c * rows, min((c + 1) * rows, n)
+            readers = {j // rows for j in range(n) if lo_row <= keep[j] < hi_row and j // rows != c}
+            assert readers <= _waited_chunks(keep, n, L, rows, c), (L, rows, c)
+
+
+@pytest.mark.parametrize("kind", ["streaming", "random"])
+def test_compaction_large_in_place(kind, device):
+    """Caches of many chunks per head, sources far from and close to their destinations: on a
+    GPU the chunks of a head run concurrently, so a missed wait shows here."""
+    B, H, C, D = 2, 4, 6000, 128
+    k, v, lens, pos = _cache(B, H, C, D, torch.bfloat16, [C, C - 1, 4999, 17, C, 3000, 1, C],
+                             device=device)
+    K = C // 2
+    keep = torch.full((B, H, K), -1, dtype=torch.int64)
+    counts = torch.zeros(B, H, dtype=torch.int64)
+    for x in range(B * H):
+        L = int(lens.view(-1)[x])
+        n = min(L, K)
+        if kind == "streaming":
+            sel = torch.cat([torch.arange(min(4, n)), torch.arange(L - (n - min(4, n)), L)])
+        else:
+            sel = torch.randperm(L)[:n].sort().values
+        keep.view(-1, K)[x, :n] = sel
+        counts.view(-1)[x] = n
+    keep, counts = keep.to(device), counts.to(device)
+    refs = [compact_ref(t, keep, counts) for t in (k, v, pos)]
+    kvc.compact_(k, v, lens, keep, counts, positions=pos)
+    for got, ref in zip((k, v, pos), refs):
+        for b in range(B):
+            for h in range(H):
+                n = int(counts[b, h])
+                assert torch.equal(got[b, h, :n], ref[b, h, :n])
 
 
 def _rotated_cache(B, H, C, D, dtype, lengths, device, big, strided=False):

@@ -229,15 +229,18 @@ def test_running_merge_inplace(device):
     assert torch.isfinite(run_o[0][ok]).all()
 
 
+# fp64 D 16: the CUDA generic chunk kernel; bf16 D 64 and fp32 D 128: the tile kernel (16-byte
+# rows, cp.async tiles, a reduce-scatter of the logits across a key's lanes).
+@pytest.mark.parametrize("dtype,D", [(torch.float64, 16), (torch.bfloat16, 64), (torch.float32, 128)])
 @pytest.mark.parametrize("plant", ["k_seen", "k_masked", "v_seen", "v_masked", "q_row",
                                    "v_underflow_seen"])
-def test_decode_attention(plant, device):
+def test_decode_attention(plant, dtype, D, device):
     from longattn import kvcache as kvc
     from longattn.reference import decode_attention_ref
     g = torch.Generator().manual_seed(6)
     B, Hq, Hkv, n, C = 2, 4, 2, 2, 700  # 700 keys: three of the decode's 256-key chunks
-    q = torch.randn(B, Hq, n, 16, generator=g, dtype=torch.float64).to(device)
-    kc, vc = (torch.randn(B, Hkv, C, 16, generator=g, dtype=torch.float64).to(device) for _ in "kv")
+    q = torch.randn(B, Hq, n, D, generator=g, dtype=torch.float64)
+    kc, vc = (torch.randn(B, Hkv, C, D, generator=g, dtype=torch.float64) for _ in "kv")
     lengths = torch.full((B, Hkv), C, dtype=torch.int32, device=device)
     qpos = torch.tensor([[C - 2, C - 1]] * B, device=device)
     kw = dict(q_positions=qpos, window=300, sinks=4)
@@ -247,9 +250,17 @@ def test_decode_attention(plant, device):
     t[1, 0, slot, 3] = val
     if plant == "v_underflow_seen":  # key 650 visible with probability 0 exactly: 0 * inf
         kc[1, 0, 650] = -1e4 * q[1, 0, 0].sign()
-    out, lse = kvc.decode_attention(q, kc, vc, lengths, **kw)
-    ref_o, ref_l, _ = decode_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), lengths.cpu(),
-                                           q_positions=qpos.cpu(), window=300, sinks=4)
-    bad = _compare("out", out.cpu(), ref_o)
-    _compare("lse", lse.cpu(), ref_l, rows=False)
+    q, kc, vc = (x.to(dtype) for x in (q, kc, vc))  # the reference sees the same rounded inputs
+    out, lse = kvc.decode_attention(q.to(device), kc.to(device), vc.to(device), lengths, **kw)
+    ref_kw = dict(q_positions=qpos.cpu(), window=300, sinks=4)
+    ref_o, ref_l, _ = decode_attention_ref(q, kc, vc, lengths.cpu(), **ref_kw)
+    if dtype == torch.float64:
+        bad = _compare("out", out.cpu(), ref_o)
+        _compare("lse", lse.cpu(), ref_l, rows=False)
+    else:  # the tolerance rule against the same formula evaluated in the input precision
+        hi_o, hi_l, _ = decode_attention_ref(q.double(), kc.double(), vc.double(), lengths.cpu(),
+                                             **ref_kw)
+        lo_o, lo_l, _ = decode_attention_ref(q, kc, vc, lengths.cpu(), upcast=False, **ref_kw)
+        bad = _compare("out", out.cpu(), hi_o, lo_o)
+        _compare("lse", lse.cpu(), hi_l.float(), lo_l.float(), rows=False)
     assert bad[0].sum() == 0 and (bad[1].any() == plant.endswith("seen") or plant == "q_row")

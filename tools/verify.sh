@@ -36,7 +36,7 @@ PYTEST=(-m pytest -q -p no:cacheprovider)
 # fuzz's long cases (hd 256 at L 700 takes minutes emulated; its 60 short random cases run).
 EMU_TESTS=${EMU_TESTS:-"tests/test_attention.py tests/test_backward.py tests/test_rope.py
   tests/test_rope_frequencies.py tests/test_rope_grad.py tests/test_merge.py tests/test_kvcache.py
-  tests/test_kvcache_policies.py tests/test_fuzz.py tests/test_nonfinite.py
+  tests/test_kvcache_paged.py tests/test_kvcache_policies.py tests/test_fuzz.py tests/test_nonfinite.py
   tools/simt_emu/test_emu_cuda_paths.py"}
 EMU_K=${EMU_K-"not test_gradcheck_attention and not test_lengths and not test_gqa and
   not test_options_cross_lengths and not (test_options and (fp16 or fp64)) and

@@ -4,9 +4,9 @@
 // kernel launch. No ATen here.
 //
 // tools/simt_emu runs the kernels on the CPU to test them without a GPU: it defines
-// LONGATTN_SIMT_EMULATION and supplies its own dynamic_smem and launch_kernel, so the
+// LONGATTN_SIMT_EMULATION and supplies its own dynamic_smem, launch_kernel and cp_async, so the
 // launchers run unchanged there (no <<<>>> outside launch_kernel, no extern __shared__
-// outside dynamic_smem).
+// outside dynamic_smem, no cp.async outside cp_async).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,6 +33,29 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
                           cudaStream_t stream, const Args&... args) {
   kernel<<<grid, block, smem_bytes, stream>>>(args...);
   return cudaGetLastError();
+}
+
+// Asynchronous copies from global to shared memory (sm_80's cp.async): Bytes 4, 8 or 16, the
+// destination zero-filled instead when !valid (src is then not read). They complete, in the
+// groups cp_async_commit closes, at cp_async_wait<N>: every group but the newest N. The data
+// travels without registers, so a kernel can keep a whole tile in flight per thread.
+template <int Bytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? Bytes : 0;
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem),
+                 "n"(Bytes), "r"(src_bytes));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 #endif
 

@@ -12,7 +12,8 @@ queries aligned to the bottom right of the keys (query i at key position
 (varlen: ``(nheads, total_q)``), fp32. Rows with no visible key give zeros and lse ``-inf``
 (FlashAttention leaves such rows undefined).
 
-Not supported: dropout (``dropout_p > 0`` raises), paged caches (``block_table`` raises).
+Not supported: dropout (``dropout_p > 0`` raises), paged caches outside
+``flash_attn_with_kvcache`` (``block_table`` raises there).
 ``deterministic``: the CPU kernels always are; on CUDA the backward is deterministic when
 ``torch.use_deterministic_algorithms(True)`` is set, which ``deterministic=True`` asks for.
 ``return_attn_probs=True`` returns the attention probabilities, computed densely, for
@@ -26,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .attention import attention
-from .kvcache.ops import decode_attention
+from .kvcache.ops import decode_attention, decode_attention_paged
 from .reference import visible_mask
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
@@ -234,9 +235,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     are written into the cache in place after those keys first (rotated by ``rotary_cos/sin`` at
     their positions when given); q is rotated at ``cache_seqlens + i`` (causal or local) or
     ``cache_seqlens``. ``cache_batch_idx`` picks the cache row of each batch element.
-    ``num_splits`` is accepted and ignored (the kernels choose their split)."""
+    ``num_splits`` is accepted and ignored (the kernels choose their split).
+
+    ``block_table`` ``(batch, max_blocks)`` int32: a paged cache, k_cache/v_cache ``(num_blocks,
+    page_block_size, nheads_k, headdim)``, token t of sequence b in block ``block_table[b, t //
+    page_block_size]``; the new k/v are written into the pages and the attention reads them in
+    place (``decode_attention_paged``), causal or without a window, no softcap / ALiBi /
+    cache_batch_idx (those raise)."""
     if block_table is not None:
-        raise NotImplementedError("block_table: longattn has no paged KV cache yet")
+        lft, rgt = _window(window_size, causal)
+        if softcap or alibi_slopes is not None or cache_batch_idx is not None or \
+                not (causal or (lft is None and rgt is None)):
+            raise NotImplementedError("block_table: paged caches take causal (optionally local) "
+                                      "or full attention without softcap, alibi_slopes or "
+                                      "cache_batch_idx")
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad is not supported")
     if (k is None) != (v is None):
@@ -246,8 +258,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     B, Lq = q.shape[0], q.shape[1]
     rows = (torch.arange(B, device=q.device) if cache_batch_idx is None
             else cache_batch_idx.to(device=q.device, dtype=torch.long))
+    paged = block_table is not None
+    bs = k_cache.shape[1]  # the page size when paged
     if cache_seqlens is None:
-        seqlens = torch.full((B,), k_cache.shape[1], dtype=torch.long, device=q.device)
+        full = block_table.shape[1] * bs if paged else k_cache.shape[1]
+        seqlens = torch.full((B,), full, dtype=torch.long, device=q.device)
     elif isinstance(cache_seqlens, int):
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.long, device=q.device)
     else:
@@ -258,8 +273,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         pos = seqlens[:, None] + torch.arange(n_new, device=q.device)  # (B, n_new)
         if rotary_cos is not None:
             k = _rotate(k, pos, rotary_cos, rotary_sin, rotary_interleaved)
-        k_cache[rows[:, None], pos] = k.to(k_cache.dtype)
-        v_cache[rows[:, None], pos] = v.to(v_cache.dtype)
+        if paged:  # page pos // bs of the row's table, row pos % bs of the page
+            where = (block_table.to(torch.long).gather(1, pos // bs), pos % bs)
+        else:
+            where = (rows[:, None], pos)
+        k_cache[where] = k.to(k_cache.dtype)
+        v_cache[where] = v.to(v_cache.dtype)
     total = seqlens + n_new  # keys per row after the append
     if rotary_cos is not None:
         local = window_size[0] >= 0 or window_size[1] >= 0
@@ -269,7 +288,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     left, right = _window(window_size, causal)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     slopes, per_batch = _alibi(alibi_slopes, B)
-    if per_batch is None and not softcap and slopes is None and cache_batch_idx is None \
+    if paged:
+        out, lse = _decode_paged(q, k_cache, v_cache, block_table, total, causal, left, scale)
+    elif per_batch is None and not softcap and slopes is None and cache_batch_idx is None \
             and (causal or (left is None and right is None)):
         # The decode kernel reads the cache in place: per-row lengths, causal on positions.
         out, lse = _decode(q, k_cache, v_cache, total, causal, left, scale)
@@ -288,6 +309,19 @@ def _decode(q, k_cache, v_cache, total, causal, left, scale):
     # Key j sits at position j, query i at total - Lq + i (bottom-right aligned).
     qpos = (total[:, None] - Lq + torch.arange(Lq, device=q.device)) if causal else None
     out, lse = decode_attention(qq, kc, vc, lengths, q_positions=qpos, scale=scale, window=left)
+    return out.transpose(1, 2), lse
+
+
+def _decode_paged(q, k_pages, v_pages, block_table, total, causal, left, scale):
+    """The pages as decode_attention_paged's pools: every head of a sequence in one block, one
+    table per sequence (a stride-0 head dim)."""
+    B, Lq = q.shape[:2]
+    Hk = k_pages.shape[2]
+    lengths = total[:, None].expand(B, Hk).to(torch.int32)
+    table = block_table[:, None, :].expand(B, Hk, block_table.shape[1])
+    qpos = (total[:, None] - Lq + torch.arange(Lq, device=q.device)) if causal else None
+    out, lse = decode_attention_paged(q.transpose(1, 2), k_pages, v_pages, table, lengths,
+                                      q_positions=qpos, scale=scale, window=left)
     return out.transpose(1, 2), lse
 
 

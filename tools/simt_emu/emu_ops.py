@@ -5,7 +5,7 @@ suite's calls through it (``install()``), so the suite's own tests check the CUD
   attention runs ``torch.ops.longattn_emu.attention`` / ``attention_backward`` (simt_emu.cpp:
   the SIMT launchers with guard bands around every output).
 * rope, rope_, rope_backward, merge_attention(_backward), merge_attention_, decode_attention,
-  compact_, compact_rerotate_:
+  compact_, compact_rerotate_, decode_attention_paged, compact_paged_:
   the CUDA registrations (csrc/cuda/*_register.cpp) and kernels (csrc/cuda/*.cu) are compiled
   unchanged for the CPU (units/*.cpp) and registered on the PrivateUse1 key; install() makes
   the ops' CPU kernels redispatch there, so every caller (the Python API, autograd, opcheck,
@@ -14,8 +14,8 @@ suite's calls through it (``install()``), so the suite's own tests check the CUD
   kernel wrote shows.
 
 ``SETTINGS``: ``smem_limit`` (the emulated device's opt-in shared memory; small values force
-small attention tiles and cap what the other kernels may opt into) and ``seed`` (CTA order and
-thread interleaving).
+small attention tiles and cap what the other kernels may opt into), ``seed`` (CTA order and
+thread interleaving) and ``sms`` (the multiprocessor count decode sizes its key split for).
 
 ``SIMT_EMU_ASAN=1`` builds the emulation with AddressSanitizer (a separate extension name, so it
 never replaces the plain build; give it its own SIMT_EMU_BUILD): an out-of-bounds read or write
@@ -37,11 +37,12 @@ from torch.utils.cpp_extension import load
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-SETTINGS = {"smem_limit": 80 * 1024, "seed": 0}
+SETTINGS = {"smem_limit": 80 * 1024, "seed": 0, "sms": 8}
 
 #: The ops whose CUDA registration runs under the emulation (units/*_register.cpp).
 EMULATED_OPS = ("rope", "rope_", "rope_backward", "merge_attention", "merge_attention_backward",
-                "merge_attention_", "decode_attention", "compact_", "compact_rerotate_")
+                "merge_attention_", "decode_attention", "compact_", "compact_rerotate_",
+                "decode_attention_paged", "compact_paged_")
 
 _ARGS = ("attention_args.cpp", "rope_args.cpp", "merge_args.cpp", "kvcache_args.cpp",
          "cuda/kernel_dtype_of.cpp")
@@ -74,7 +75,7 @@ _EMULATED_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.PrivateUse1)
 
 
 def _knobs():
-    return SETTINGS["smem_limit"], SETTINGS["seed"]
+    return SETTINGS["smem_limit"], SETTINGS["seed"], SETTINGS["sms"]
 
 
 class _Attention(torch.autograd.Function):

@@ -3,7 +3,8 @@ PYTHONPATH) runs the suite's CUDA-kernel ops on the CPU under the SIMT emulator 
 longattn.attention through the SIMT attention kernels, and rope / rope_, merge_attention and
 its backward, decode_attention, compact_, compact_rerotate_ through their CUDA registrations
 and kernels. SIMT_EMU_SMEM (bytes of opt-in shared memory, default 81920; smaller forces
-smaller attention tiles) and SIMT_EMU_SEED (scheduling) vary the runs; SIMT_EMU_BUILD names
+smaller attention tiles), SIMT_EMU_SEED (scheduling) and SIMT_EMU_SMS (multiprocessors, which
+size decode's key split) vary the runs; SIMT_EMU_BUILD names
 the build directory (default: torch's extension cache).
 
 The tests run with device "cpu" but the emulated kernels follow the CUDA registration, so the
@@ -21,12 +22,16 @@ DESELECT = {
     "tests/test_kvcache.py::test_decode_errors": (
         "CUDA decode_attention does not read lengths back to the host (NaN rows instead of the "
         "CPU's error, tested in tools/simt_emu/test_emu_cuda_paths.py)"),
+    "tests/test_kvcache_paged.py::test_paged_decode_value_errors": (
+        "CUDA decode_attention_paged reads neither the lengths nor the block table back (NaN "
+        "rows instead of the CPU's errors, tested in tools/simt_emu/test_emu_cuda_paths.py)"),
 }
 
 
 def pytest_configure(config):
     emu_ops.SETTINGS["smem_limit"] = int(os.environ.get("SIMT_EMU_SMEM", 80 * 1024))
     emu_ops.SETTINGS["seed"] = int(os.environ.get("SIMT_EMU_SEED", 0))
+    emu_ops.SETTINGS["sms"] = int(os.environ.get("SIMT_EMU_SMS", 8))
     emu_ops.install()
 
 

@@ -3,8 +3,9 @@
 // launchers (simt_forward.cuh, simt_backward.cuh: tile plans, launch sequence). Same schemas as
 // torch.ops.longattn. Outputs are allocated with NaN guard bands that must survive (no write
 // out of bounds). torch.ops.longattn_emu.configure sets the emulated device's `smem_limit` (its
-// opt-in shared memory: smaller values force smaller tiles) and `seed` (scheduling) for every
-// emulated op, these and the others (units/*.cpp).
+// opt-in shared memory: smaller values force smaller tiles), `seed` (scheduling) and `sms` (its
+// multiprocessor count, which sizes decode's split of the keys) for every emulated op, these and
+// the others (units/*.cpp).
 #include <dlfcn.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -49,9 +50,10 @@ void check_guard(const Guarded& g, const char* name) {
               "simt_emu: write out of bounds of ", name);
 }
 
-void configure(int64_t smem_limit, int64_t seed) {
+void configure(int64_t smem_limit, int64_t seed, int64_t sms) {
   emu::g_device.smem_optin = static_cast<size_t>(smem_limit);
   emu::g_device.seed = static_cast<uint32_t>(seed);
+  emu::g_device.sms = static_cast<int>(sms);
 }
 
 void check_launch(cudaError_t err, const char* what) {
@@ -161,7 +163,7 @@ TORCH_LIBRARY(longattn_emu, m) {
       "SymInt? max_seqlen_q, SymInt? max_seqlen_k) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
   m.def("plan(int head_dim, int elem_bytes, int smem_limit) -> int[]", &plan);
-  m.def("configure(int smem_limit, int seed) -> ()", &configure);
+  m.def("configure(int smem_limit, int seed, int sms) -> ()", &configure);
   m.def("launches() -> (str library, int[] offsets, int[] counts)", &launches);
 }
 

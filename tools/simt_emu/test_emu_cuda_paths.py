@@ -36,6 +36,29 @@ def test_decode_bad_length_gives_nan_rows():
     torch.testing.assert_close(lse[0, 2:4], ref_lse[0, 2:4])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # tile / chunk kernel
+def test_paged_decode_bad_table_gives_nan_rows(dtype):
+    """A table entry naming no block of the pool for a cached slot, or a bad length: NaN rows
+    for that head only (no host synchronization), no score written anywhere."""
+    D, bs = 64, 16
+    kp, vp = torch.randn(10, bs, 1, D, dtype=dtype), torch.randn(10, bs, 1, D, dtype=dtype)
+    table = torch.arange(9, dtype=torch.int32).view(1, 3, 3)
+    lens = torch.tensor([[48, 20, 40]])
+    q = torch.randn(1, 6, 1, D, dtype=dtype)
+    bad = table.clone()
+    bad[0, 0, 2] = 10  # past the pool
+    bad[0, 1, 2] = -1  # past head 1's 20 slots: never read, fine
+    scores = torch.zeros(10, bs, 1)
+    out, lse = kvc.decode_attention_paged(q, kp, vp, bad, lens, scores=scores)
+    assert out[0, :2].isnan().all() and lse[0, :2].isnan().all()
+    ref, ref_lse = kvc.decode_attention_paged(q, kp, vp, table, lens)
+    torch.testing.assert_close(out[0, 2:], ref[0, 2:])
+    torch.testing.assert_close(lse[0, 2:], ref_lse[0, 2:])
+    assert not scores[9].any()  # nothing lands in a block no table names
+    out, lse = kvc.decode_attention_paged(q, kp, vp, table, torch.tensor([[48, 49, 40]]))
+    assert out[0, 2:4].isnan().all() and not out[0, 4:].isnan().any()
+
+
 @pytest.mark.parametrize("D", [510, 1024])
 def test_decode_large_head_dims(D, a100_smem):
     """fp64 rows past 48 KiB of shared memory: the launch opts in (kMaxDecodeHeadDim = 1024)."""

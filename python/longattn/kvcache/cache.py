@@ -155,6 +155,16 @@ class KVCache:
         pos = self.append(k, v)
         return self.attend(q, q_positions=pos, **kw)
 
+    def query_scores(self, q: torch.Tensor, q_positions: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None) -> torch.Tensor:
+        """Attention probabilities of q ``(B, Hq, n, D)`` over the cache, summed over the q
+        heads of each kv head and over the n queries: ``(B, Hkv, capacity)`` fp32 (fused in the
+        kernel)."""
+        s = torch.zeros(self.positions.shape, dtype=torch.float32, device=self.device)
+        decode_attention(q, self.k, self.v, self.lengths, positions=self.positions,
+                         q_positions=q_positions, scale=scale, scores=s)
+        return s
+
     # -- compaction --
     def compact_(self, keep: torch.Tensor, keep_lengths: torch.Tensor) -> None:
         """Keep the given sorted indices per head, in place (see :func:`compact_`)."""
@@ -175,6 +185,25 @@ class KVCache:
         """select_keep(scores, ...) then compact_."""
         keep, counts = select_keep(scores, self.lengths, n_sink, n_recent, budget)
         self.compact_(keep, counts)
+
+    def shift_positions_(self, inv_freq: torch.Tensor, rotary_dim: Optional[int] = None,
+                         interleaved: bool = False) -> None:
+        """Renumber the cached keys to their slot index without evicting (rerotate_keys)."""
+        from ..rope import rerotate_keys
+
+        M = self.max_length()  # only the live prefix [0, M) of every head is rotated
+        B, H, C, D = self.k.shape
+        slot = torch.arange(M, device=self.device).expand(B, H, M)
+        old = self.positions[:, :, :M]
+        live = slot < self.lengths.to(torch.int64)[..., None]
+        new = torch.where(live, slot, old)
+        if M and not torch.equal(new, old):
+            # Heads as the batch dim: (B*H, M, 1, D) views of the cache with per-row positions.
+            k = self.k.view(B * H, C, 1, D)[:, :M]
+            rerotate_keys(k, old.reshape(B * H, M), new.reshape(B * H, M), inv_freq,
+                          rotary_dim=rotary_dim, interleaved=interleaved, inplace=True)
+            self.positions[:, :, :M] = new
+        self.next_position = self.lengths.to(torch.int64).amax(dim=1)
 
     def live(self, b: int, h: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cached (k, v, positions) of one head, views of length lengths[b, h]."""

@@ -85,6 +85,67 @@ def compact_rerotate_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: tor
                           new_positions, inv_freq, int(rotary_dim), bool(interleaved))
 
 
+def decode_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           block_table: torch.Tensor, lengths: torch.Tensor, *,
+                           positions: Optional[torch.Tensor] = None,
+                           q_positions: Optional[torch.Tensor] = None,
+                           scale: Optional[float] = None, window: Optional[int] = None,
+                           sinks: int = 0, scores: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_attention` over a paged cache, read in place.
+
+    Args:
+        k_pool, v_pool: ``(num_blocks, block_size, Hp, head_dim)`` with ``Hp`` 1 (every
+            (batch, kv head) owns its blocks) or ``kv_heads`` (a block holds every head of a
+            sequence, FlashAttention's and vLLM's layout).
+        block_table: ``(batch, kv_heads, max_blocks)`` int32: slot j of (b, h) lives in block
+            ``block_table[b, h, j // block_size]`` at row ``j % block_size`` (any strides, e.g. a
+            ``(batch, max_blocks)`` table expanded over the heads).
+        lengths: ``(batch, kv_heads)``; at most ``max_blocks * block_size``.
+        positions, scores: ``(num_blocks, block_size, Hp)`` int64 / fp32, per slot like the pools.
+
+    The rest as :func:`decode_attention`. A block the table names for a cached slot must exist
+    (on the CPU a RuntimeError; on a GPU, which does not read the table back, NaN rows).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if window is not None and window < 0:
+        raise ValueError(f"window must be >= 0 or None, got {window}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0, got {sinks}")
+    return ops.decode_attention_paged(q, k_pool, v_pool, block_table, lengths, positions,
+                                      q_positions, float(scale),
+                                      -1 if window is None else int(window), int(sinks), scores)
+
+
+def compact_paged_(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                   lengths: torch.Tensor, keep: torch.Tensor, keep_lengths: torch.Tensor, *,
+                   positions: Optional[torch.Tensor] = None,
+                   scores: Optional[torch.Tensor] = None,
+                   inv_freq: Optional[torch.Tensor] = None,
+                   new_positions: Optional[torch.Tensor] = None,
+                   rotary_dim: Optional[int] = None, interleaved: bool = False) -> None:
+    """:func:`compact_` (with ``inv_freq``: :func:`compact_rerotate_`) on a paged cache whose
+    blocks each belong to one (batch, kv head) (pools ``(num_blocks, block_size, 1, D)``).
+
+    A new block whose kept rows already fill one old block at their offsets keeps that block
+    (``block_table`` is remapped, nothing moves); the others receive their rows in place. After
+    the call ``block_table[b, h]`` names ``ceil(keep_lengths[b, h] / block_size)`` blocks and is
+    -1 past them: the blocks it no longer names are free (:class:`PagedKVCache` returns them to
+    its pool).
+    """
+    if inv_freq is not None:
+        if new_positions is None:
+            new_positions = torch.arange(keep.shape[-1], device=keep.device).expand(keep.shape)
+        if rotary_dim is None:
+            rotary_dim = 2 * inv_freq.shape[-1]
+    elif new_positions is not None:
+        raise ValueError("new_positions needs inv_freq (a rerotating compaction)")
+    ops.compact_paged_(k_pool, v_pool, positions, scores, block_table, lengths, keep,
+                       keep_lengths, new_positions, inv_freq, int(rotary_dim or 0),
+                       bool(interleaved))
+
+
 def select_keep(scores: torch.Tensor, lengths: torch.Tensor, n_sink: int, n_recent: int,
                 budget: IntOrTensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, head): the first ``n_sink`` and last ``n_recent`` cached keys, plus the

@@ -1,14 +1,19 @@
-"""Eviction policies. Each acts on one layer's :class:`KVCache` in place."""
+"""Eviction policies. Each acts on one layer's cache in place: a :class:`KVCache` or a
+:class:`PagedKVCache` (both offer lengths, capacity, scores, query_scores, keep_top, compact_,
+compact_rerotate_ and shift_positions_; a paged cache frees the evicted blocks)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
-from .ops import decode_attention, select_keep
+from .ops import select_keep
+from .paged import PagedKVCache
+
+Cache = Union[KVCache, PagedKVCache]
 
 
 def _zero_beyond(scores: torch.Tensor, lengths: torch.Tensor, upto_from_end: int = 0) -> torch.Tensor:
@@ -36,10 +41,11 @@ class StreamingLLM:
         self.shift, self.inv_freq = shift_positions, inv_freq
         self.rotary_dim, self.interleaved = rotary_dim, interleaved
 
-    def compress(self, cache: KVCache) -> None:
+    def compress(self, cache: Cache) -> None:
         budget = self.n_sink + self.n_recent
         if cache.max_length() > budget:
-            zeros = torch.zeros(cache.positions.shape, dtype=torch.float32, device=cache.device)
+            zeros = torch.zeros(cache.batch, cache.kv_heads, cache.capacity, dtype=torch.float32,
+                                device=cache.device)
             keep, counts = select_keep(zeros, cache.lengths, self.n_sink, self.n_recent, budget)
             if self.shift:  # evict and renumber in one pass (compact_rerotate_)
                 cache.compact_rerotate_(keep, counts, self.inv_freq, rotary_dim=self.rotary_dim,
@@ -50,23 +56,9 @@ class StreamingLLM:
         if self.shift:
             self.shift_positions(cache)
 
-    def shift_positions(self, cache: KVCache) -> None:
+    def shift_positions(self, cache: Cache) -> None:
         """Renumber the cached keys to their slot index without evicting (rerotate_keys)."""
-        from ..rope import rerotate_keys
-
-        M = cache.max_length()  # only the live prefix [0, M) of every head is rotated
-        B, H, C, D = cache.k.shape
-        slot = torch.arange(M, device=cache.device).expand(B, H, M)
-        old = cache.positions[:, :, :M]
-        live = slot < cache.lengths.to(torch.int64)[..., None]
-        new = torch.where(live, slot, old)
-        if M and not torch.equal(new, old):
-            # Heads as the batch dim: (B*H, M, 1, D) views of the cache with per-row positions.
-            k = cache.k.view(B * H, C, 1, D)[:, :M]
-            rerotate_keys(k, old.reshape(B * H, M), new.reshape(B * H, M), self.inv_freq,
-                          rotary_dim=self.rotary_dim, interleaved=self.interleaved, inplace=True)
-            cache.positions[:, :, :M] = new
-        cache.next_position = cache.lengths.to(torch.int64).amax(dim=1)
+        cache.shift_positions_(self.inv_freq, self.rotary_dim, self.interleaved)
 
 
 class H2O:
@@ -80,21 +72,18 @@ class H2O:
                              f"{n_sink} + {n_recent}")
         self.budget, self.n_recent, self.n_sink = budget, n_recent, n_sink
 
-    def compress(self, cache: KVCache) -> None:
+    def compress(self, cache: Cache) -> None:
         if cache.scores is None:
             raise RuntimeError("H2O needs a cache built with track_scores=True")
         if cache.max_length() > self.budget:
             cache.keep_top(cache.scores, self.n_sink, self.n_recent, self.budget)
 
 
-def query_scores(cache: KVCache, q: torch.Tensor, q_positions: Optional[torch.Tensor] = None,
+def query_scores(cache: Cache, q: torch.Tensor, q_positions: Optional[torch.Tensor] = None,
                  scale: Optional[float] = None) -> torch.Tensor:
     """Attention probabilities of q ``(B, Hq, n, D)`` over the cache, summed over the q heads
     of each kv head and over the n queries: ``(B, Hkv, capacity)`` fp32 (fused in the kernel)."""
-    s = torch.zeros(cache.positions.shape, dtype=torch.float32, device=cache.device)
-    decode_attention(q, cache.k, cache.v, cache.lengths, positions=cache.positions,
-                     q_positions=q_positions, scale=scale, scores=s)
-    return s
+    return cache.query_scores(q, q_positions, scale)
 
 
 class TOVA:
@@ -107,7 +96,7 @@ class TOVA:
             raise ValueError(f"budget {budget} is smaller than n_sink + n_recent = {n_sink} + 0")
         self.budget, self.n_sink, self.per_head = budget, n_sink, per_head
 
-    def compress(self, cache: KVCache, q_last: torch.Tensor, scale: Optional[float] = None) -> None:
+    def compress(self, cache: Cache, q_last: torch.Tensor, scale: Optional[float] = None) -> None:
         """q_last: ``(B, Hq, 1, D)`` (or more tokens: the last one is used)."""
         if cache.max_length() <= self.budget:
             return
@@ -136,7 +125,7 @@ class SnapKV:
         self.budget, self.window, self.kernel, self.pooling, self.n_sink = (
             budget, window, kernel_size, pooling, n_sink)
 
-    def votes(self, cache: KVCache, q_window: torch.Tensor,
+    def votes(self, cache: Cache, q_window: torch.Tensor,
               q_positions: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
         if q_positions is None:
             W = q_window.shape[2]
@@ -150,7 +139,7 @@ class SnapKV:
              else F.avg_pool1d(s, k, 1, k // 2, count_include_pad=True))
         return s.view(B, H, C)
 
-    def compress(self, cache: KVCache, q_window: torch.Tensor,
+    def compress(self, cache: Cache, q_window: torch.Tensor,
                  q_positions: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> None:
         """q_window: ``(B, Hq, W, D)``, the (rotated) queries of the last W prompt tokens, whose
         keys are the last W cached keys; q_positions default to those keys' positions."""
@@ -204,14 +193,14 @@ class AdaKV:
         self.budget, self.n_sink, self.n_recent = budget, n_sink, n_recent
         self.floor = max(int(floor_frac * budget), n_sink + n_recent)
 
-    def budgets(self, cache: KVCache, scores: torch.Tensor) -> torch.Tensor:
+    def budgets(self, cache: Cache, scores: torch.Tensor) -> torch.Tensor:
         slot = torch.arange(cache.capacity, device=cache.device)
         lens = cache.lengths.to(torch.int64)[..., None]
         protected = (slot < self.n_sink) | (slot >= lens - self.n_recent)
         return adaptive_budgets(scores.float().masked_fill(protected, math.inf), cache.lengths,
                                 self.budget, self.floor)
 
-    def compress(self, cache: KVCache, scores: torch.Tensor) -> None:
+    def compress(self, cache: Cache, scores: torch.Tensor) -> None:
         b = self.budgets(cache, scores)
         cache.keep_top(scores, self.n_sink, self.n_recent, torch.maximum(
             b, torch.full_like(b, self.n_sink + self.n_recent)))

@@ -12,7 +12,9 @@
 // would leave undefined are reported: a barrier some threads never reach (deadlock), a shuffle
 // lane outside its mask, writes past the end of dynamic shared memory. Dynamic shared memory
 // starts as NaN bytes, so reading what nobody wrote poisons the result. (Static __shared__
-// variables are function statics: shared by every CTA, not poisoned.)
+// variables are function statics: shared by every CTA, not poisoned.) cp.async copies land in
+// shared memory only at the cp_async_wait that completes their group, so a read before it sees
+// the old bytes; a thread that exits with copies still pending is an error.
 //
 // Under AddressSanitizer (emu_ops.py, SIMT_EMU_ASAN=1) dynamic shared memory is allocated at its
 // exact size without the guard band, so ASan reports reads and writes past its end as it does
@@ -118,6 +120,17 @@ struct Fiber {
   bool done = false;
 };
 
+// A thread's cp.async copies: the open group, then the committed ones, oldest first.
+struct AsyncCopy {
+  void* dst;
+  const void* src;  // null: zero fill
+  int bytes;
+};
+struct AsyncQueue {
+  std::vector<AsyncCopy> open;
+  std::vector<std::vector<AsyncCopy>> groups;
+};
+
 constexpr int kMaxBlockThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 // ASan's redzone replaces the guard band.
@@ -133,6 +146,7 @@ struct Cta {
   Barrier block;
   std::map<std::pair<int, unsigned>, Group> groups;  // (warp, lane mask)
   std::map<uint64_t, int> votes;  // __syncthreads_or: the OR of each barrier round's votes
+  std::vector<AsyncQueue> async;  // per fiber
   std::vector<unsigned char> smem;  // dynamic shared memory + a guard band
   size_t smem_bytes = 0;
   const std::function<void()>* body = nullptr;
@@ -204,6 +218,8 @@ inline Group& group(unsigned mask) {
 #endif
   Cta& c = *g_cta;
   (*c.body)();
+  const AsyncQueue& aq = c.async[c.cur];
+  if (!aq.open.empty() || !aq.groups.empty()) fail("a thread exited with cp.async copies pending");
   c.fibers[c.cur].done = true;
   ++c.done;
   to_scheduler(true);
@@ -219,6 +235,7 @@ inline void run_cta(dim3 block, size_t smem_bytes, const std::function<void()>& 
   g_cta = cta;
   c.threads = threads;
   c.fibers.resize(threads);
+  c.async.resize(threads);
   c.block.expected = threads;
   c.body = &body;
   c.smem_bytes = smem_bytes;
@@ -335,7 +352,31 @@ inline int __any_sync(unsigned mask, int pred) {
   return any;
 }
 
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  const int lane = emu::lane();
+  if (!((mask >> lane) & 1)) emu::fail("__ballot_sync: calling lane not in mask");
+  emu::Group& grp = emu::group(mask);
+  const int set = static_cast<int>(grp.bar.gen & 1);
+  grp.slots[set][lane][0] = pred != 0;
+  emu::wait_on(grp.bar);  // every lane of the mask has published its vote
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= (((mask >> l) & 1) && grp.slots[set][l][0]) ? 1u << l : 0u;
+  return bits;
+}
+
+inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(x)) + 1; }
+
 // Fibers switch only at barriers, so a read-modify-write is atomic as it stands.
+inline int atomicAdd(int* address, int v) {
+  const int old = *address;
+  *address = old + v;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* address, unsigned v) {
+  const unsigned old = *address;
+  *address = old + v;
+  return old;
+}
 inline int atomicMin(int* address, int v) {
   const int old = *address;
   *address = std::min(old, v);
@@ -347,9 +388,42 @@ inline int atomicExch(int* address, int v) {
   return old;
 }
 
+// CTAs run one after another: a CTA sees every write of the CTAs before it.
+inline void __threadfence() {}
+
 template <typename A>
 inline A* dynamic_smem() {
   return reinterpret_cast<A*>(emu::g_cta->smem.data());
+}
+
+// device_common.cuh's cp.async, deferred to the wait that completes the copy's group.
+template <int Bytes>
+inline void cp_async(void* smem, const void* gmem, bool valid) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  if (reinterpret_cast<uintptr_t>(smem) % Bytes != 0 ||
+      (valid && reinterpret_cast<uintptr_t>(gmem) % Bytes != 0)) {
+    emu::fail("cp.async: misaligned address");
+  }
+  emu::g_cta->async[emu::g_cta->cur].open.push_back({smem, valid ? gmem : nullptr, Bytes});
+}
+inline void cp_async_commit() {
+  emu::AsyncQueue& q = emu::g_cta->async[emu::g_cta->cur];
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+  emu::AsyncQueue& q = emu::g_cta->async[emu::g_cta->cur];
+  while (static_cast<int>(q.groups.size()) > N) {
+    for (const emu::AsyncCopy& c : q.groups.front()) {
+      if (c.src != nullptr) {
+        std::memcpy(c.dst, c.src, c.bytes);
+      } else {
+        std::memset(c.dst, 0, c.bytes);
+      }
+    }
+    q.groups.erase(q.groups.begin());
+  }
 }
 
 inline float __expf(float x) { return std::exp(x); }

@@ -10,7 +10,10 @@
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 typedef struct CUstream_st* cudaStream_t;
 
 // The vector types the kernels load and store through.
@@ -32,6 +35,7 @@ namespace emu {
 // The emulated device: its opt-in shared memory per block and the scheduling seed.
 struct Device {
   size_t smem_optin = 80 * 1024;
+  int sms = 8;  // multiprocessors: what the decode split sizes its grid for
   uint32_t seed = 0;
   std::map<const void*, int> max_dynamic_smem;  // cudaFuncSetAttribute, per kernel
   std::map<const void*, int64_t> launches;       // grids run, per kernel (a coverage report)
@@ -50,9 +54,15 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
-  *value = static_cast<int>(emu::g_device.smem_optin);
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(emu::g_device.smem_optin);
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = emu::g_device.sms;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename F>

@@ -1,2 +1,0 @@
-// csrc/cuda/kvcache/decode_kernel.cu compiled for the CPU: its kernels run under include/cuda_emu.h.
-#include "cuda/kvcache/decode_kernel.cu"
