@@ -1,6 +1,6 @@
 """The CUDA flash attention forward and backward (csrc/cuda/attention/flash/), run without a GPU.
 
-tests/flash_emu compiles the kernel bodies for the host with emulated warp instructions
+tools/flash_emu compiles the kernel bodies for the host with emulated warp instructions
 (ldmatrix, mma.sync, cp.async, shuffles; threads as fibers in a seeded random schedule) and
 runs the same launch plan as the CUDA build. Shared memory starts as NaN between guard bands;
 outputs sit between NaN guard bands (no write out of bounds, no element left unwritten).
@@ -42,7 +42,7 @@ import torch
 from helpers import assert_close_rule
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_EMU = os.path.join(_ROOT, "tests", "flash_emu")
+_EMU = os.path.join(_ROOT, "tools", "flash_emu")
 _FLASH = os.path.join(_ROOT, "csrc", "cuda", "attention", "flash")
 _UNBOUNDED = 1 << 62
 _ASAN = os.environ.get("LONGATTN_FLASH_EMU_ASAN", "0") not in ("", "0")

@@ -1,4 +1,4 @@
-"""Non-finite inputs through the CUDA flash kernels, run on the host emulator (tests/flash_emu,
+"""Non-finite inputs through the CUDA flash kernels, run on the host emulator (tools/flash_emu,
 see test_flash_emu.py): a NaN or an infinity planted in q, k, v or a sink logit must make
 exactly the rows, lse entries and gradients non-finite that the dense float64 reference over
 each row's visible keys makes non-finite (docs/semantics.md, "Non-finite inputs"); the finite

@@ -6,7 +6,7 @@
 //   hd128: 144 KB and 144 KB: the same parts.
 // Narrow (hd128 only): 64 x 64 keys, 96 KB / 88 KB, for SM86/SM89 parts (99 KB per block).
 // hd256: 64 x 64 keys, 8 warps, 176 KB / 168 KB: H100/H200 only.
-// Ops: FlashDeviceOps on the GPU, the emulator's ops in tests/flash_emu.
+// Ops: FlashDeviceOps on the GPU, the emulator's ops in tools/flash_emu.
 #pragma once
 #include <cutlass/numeric_types.h>
 

@@ -1,5 +1,5 @@
 // The host side of one flash backward call, shared by the CUDA launcher (bwd_launch.h) and the
-// host emulator (tests/flash_emu): kernel parameters from the contract's structs, and which
+// host emulator (tools/flash_emu): kernel parameters from the contract's structs, and which
 // kernels run on which grids.
 #pragma once
 #include <cuda_runtime_api.h>

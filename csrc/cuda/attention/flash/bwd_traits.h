@@ -2,7 +2,7 @@
 // tensor-core GEMM families, shared-memory layouts and copy atoms.
 //
 // Ops is the instruction policy (device_ops.h): FlashDeviceOps on the GPU, the host emulator's
-// in tests/flash_emu.
+// in tools/flash_emu.
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>

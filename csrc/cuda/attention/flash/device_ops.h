@@ -1,5 +1,5 @@
 // The instruction set of the flash kernels (forward and backward) as a policy type, so the
-// kernel bodies are one code for the GPU and for the host emulator (tests/flash_emu), which
+// kernel bodies are one code for the GPU and for the host emulator (tools/flash_emu), which
 // substitutes warp-collective emulations of the same instructions.
 //
 // FlashDeviceOps is what the GPU runs: mma.sync m16n8k16 (fp32 accumulation), ldmatrix (plain

@@ -1,5 +1,5 @@
 // The host side of one forward call, shared by the CUDA launcher (fwd_launch.h) and the host
-// emulator (tests/flash_emu): the grid, and which query tile of which sequence each CTA owns.
+// emulator (tools/flash_emu): the grid, and which query tile of which sequence each CTA owns.
 //
 // Grid: (query tiles x sequence chunks, q heads, min(sequences, max z)). Sequences past the z
 // limit (many short varlen sequences) go to further chunks of x: b = z + gridDim.z * chunk.

@@ -3,7 +3,7 @@
 // data between global memory, shared memory and registers.
 //
 // Ops is the instruction policy (device_ops.h): FlashDeviceOps on the GPU, the host emulator's
-// in tests/flash_emu; it supplies the MMA, ldmatrix and cp.async atoms and the kernel body's
+// in tools/flash_emu; it supplies the MMA, ldmatrix and cp.async atoms and the kernel body's
 // barriers, cp.async commit / wait and shuffles.
 #pragma once
 #include <cute/tensor.hpp>
