@@ -182,6 +182,8 @@ OPS_ELSEWHERE = {"rope": "tests/test_rope.py", "rope_": "tests/test_rope.py",
                  "ring_attention": "below", "ring_attention_backward": "below",
                  "decode_attention": "tests/test_kvcache.py", "compact_": "tests/test_kvcache.py",
                  "compact_rerotate_": "tests/test_kvcache.py",
+                 "rope_attention": "tests/test_extend_fused.py",
+                 "rope_attention_backward": "tests/test_extend_fused.py",
                  "composite": "tests/test_compile_dynamic.py",
                  "composite_backward": "tests/test_compile_dynamic.py"}
 OPS.extend(OPS_ELSEWHERE)
