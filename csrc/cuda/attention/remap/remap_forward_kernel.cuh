@@ -7,6 +7,7 @@
 #pragma once
 #include "cuda/attention/remap/remap_rotate.cuh"
 #include "cuda/attention/remap/remap_tiles.h"
+#include "cuda/attention/simt/simt_forward_kernel.cuh"
 
 namespace longattn::cuda::remap {
 
@@ -141,40 +142,10 @@ __global__ void __launch_bounds__(kThreads) remap_forward_kernel(const RopeAtten
     online_softmax_tile<A>(p, rm, kind != TileKind::kFull, sides.both(), w.p0, s0, w.nq, nk, t, Ss,
                            Sf, row_m, row_l, row_alpha, row_rs);
     __syncthreads();
-    // A partial tile pairs masked entries (P = 0) with V rows in its P V product: a non-finite
-    // row is zeroed first, and the rows that see it become NaN instead (simt_common.cuh).
-    if (kind != TileKind::kFull && simt::tile_has_nonfinite(Vs, t.ld, nk, D)) {
-      for (int r = threadIdx.x; r < w.nq; r += kThreads) {
-        if (simt::sees_nonfinite_row(si.mask, w.p0 + r, s0, Vs, t.ld, nk, D)) {
-          for (int d = 0; d < D; ++d) Os[r * t.ld + d] = A(NAN);
-        }
-      }
-      __syncthreads();
-      simt::zero_nonfinite_rows(Vs, t.ld, nk, D);
-      __syncthreads();
-    }
-    simt::cta_gemm<A>(t.bq, t.dp, t.bk, Ss, t.lds, 1, Vs, t.ld, 1, Os, t.ld, true, row_alpha);
-    __syncthreads();
+    simt::accumulate_pv<A>(w, kind, s0, nk, D, t, Ss, Vs, Os, row_alpha);
   });
 
-  // The row rules of common/softmax_row.h, as the SIMT attention forward.
-  A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, w.b, w.h) + w.i0;
-  for (int r = threadIdx.x; r < w.nq; r += kThreads) {
-    const A mr = row_m[r];
-    const bool sees = mr == neg_inf<A>() && si.mask.row_sees_keys(w.i0 + r, si.k_len);
-    const A z = sp.has_sink_logit ? static_cast<A>(p.sink_logit(w.h)) : A(0);
-    const RowFinish<A> f = finish_softmax_row<A>(mr, row_l[r], sp.has_sink_logit, z, sees);
-    row_l[r] = f.out_scale;
-    lse[r] = f.lse;
-  }
-  __syncthreads();
-  T* out = static_cast<T*>(p.out) + out_offset(p, si, w.b, w.h) + w.i0 * p.heads_q * D;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int r = warp; r < w.nq; r += kWarps) {
-    const A scale = row_l[r];  // 0: not Os * 0, which a NaN in Os would survive
-    T* o = out + static_cast<int64_t>(r) * p.heads_q * D;
-    for (int d = lane; d < D; d += 32) o[d] = from_acc<T>(scale == A(0) ? A(0) : Os[r * t.ld + d] * scale);
-  }
+  simt::store_query_tile<T, A>(p, w, D, t, Os, row_m, row_l);
 }
 
 }  // namespace longattn::cuda::remap

@@ -89,31 +89,30 @@ inline SimtTiles choose_tiles(const int (&candidates)[N][2], int64_t head_dim, s
   return SimtTiles{};
 }
 
-// Query-major passes (forward, dQ): a CTA per (query tile, q head, sequence).
-inline SimtLaunch forward_launch(const RopeAttentionParams& rp, size_t elem_bytes, size_t optin) {
-  const AttentionParams& p = rp.attn;
-  const bool far = rp.remap.has_far();
+// Query-major passes (forward, dQ): a CTA per (query tile, q head, sequence); size(t) gives
+// the pass's layout in elements.
+template <typename Size>
+inline SimtLaunch query_major_launch(const AttentionParams& p, size_t elem_bytes, size_t optin,
+                                     Size&& size) {
   SimtLaunch l;
   l.tiles = choose_tiles(kQueryMajorTiles, p.head_dim, elem_bytes, optin, simt::tile_cap(p.seqlen_q),
-                         simt::tile_cap(p.seqlen_k),
-                         [&](const SimtTiles& t) { return ForwardSmem(t, far).total; });
+                         simt::tile_cap(p.seqlen_k), size);
   if (l.tiles.smem_bytes > 0) {
     l.blocks = simt::checked_grid(ceil_div(p.seqlen_q, l.tiles.bq) * p.batch * p.heads_q);
   }
   return l;
 }
 
-inline SimtLaunch dq_launch(const RopeAttentionParams& rp, size_t elem_bytes, size_t optin) {
-  const AttentionParams& p = rp.attn;
+inline SimtLaunch forward_launch(const RopeAttentionParams& rp, size_t elem_bytes, size_t optin) {
   const bool far = rp.remap.has_far();
-  SimtLaunch l;
-  l.tiles = choose_tiles(kQueryMajorTiles, p.head_dim, elem_bytes, optin, simt::tile_cap(p.seqlen_q),
-                         simt::tile_cap(p.seqlen_k),
-                         [&](const SimtTiles& t) { return GradSmem(t, far, false).total; });
-  if (l.tiles.smem_bytes > 0) {
-    l.blocks = simt::checked_grid(ceil_div(p.seqlen_q, l.tiles.bq) * p.batch * p.heads_q);
-  }
-  return l;
+  return query_major_launch(rp.attn, elem_bytes, optin,
+                            [&](const SimtTiles& t) { return ForwardSmem(t, far).total; });
+}
+
+inline SimtLaunch dq_launch(const RopeAttentionParams& rp, size_t elem_bytes, size_t optin) {
+  const bool far = rp.remap.has_far();
+  return query_major_launch(rp.attn, elem_bytes, optin,
+                            [&](const SimtTiles& t) { return GradSmem(t, far, false).total; });
 }
 
 // The key-major pass (dK, dV): a CTA per (key block, kv head, sequence).
