@@ -22,6 +22,29 @@ TORCH_LIBRARY(longattn, m) {
       "Tensor? sink_logits, float scale, float softcap, float logn_base, bool causal, "
       "int window_left, int window_right, int sinks, int? q_start, int k_start, "
       "SymInt? max_seqlen_q, SymInt? max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
+  // Attention over q and k rotated by RoPE inside the kernel (rotary part as rope's:
+  // inv_freq, attention_scaling on cos and sin, rotary_dim, NeoX or interleaved pairs), with a
+  // position remap (common/remap.h): 'none' (plain RoPE, causal or not), 'self_extend'
+  // (window, group_size), 'rerope' (window, leak; 0: not leaky), 'lm_infinite' (window = the
+  // local window, global_tokens, max_distance); the remaps are causal. Query row i at
+  // q_start + i (None: bottom-right, Lk - Lq per sequence), key j at j. Scores: scale, softcap,
+  // sink_logits as attention's. Returns out (q's dtype) and lse (fp32; fp64 for fp64 inputs).
+  m.def(
+      "rope_attention(Tensor q, Tensor k, Tensor v, Tensor inv_freq, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, Tensor? sink_logits, str remap, int window, int group_size, "
+      "float leak, int global_tokens, int max_distance, float attention_scaling, int rotary_dim, "
+      "bool interleaved, float scale, float softcap, bool causal, int? q_start, "
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k) -> (Tensor out, Tensor lse)");
+  // Its gradients given dout and (optionally) dlse, through the rotations back to the inputs
+  // before RoPE; dsink is empty without sink_logits. No gradient for inv_freq.
+  m.def(
+      "rope_attention_backward(Tensor dout, Tensor? dlse, Tensor out, Tensor lse, Tensor q, "
+      "Tensor k, Tensor v, Tensor inv_freq, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "Tensor? sink_logits, str remap, int window, int group_size, float leak, "
+      "int global_tokens, int max_distance, float attention_scaling, int rotary_dim, "
+      "bool interleaved, float scale, float softcap, bool causal, int? q_start, "
+      "SymInt? max_seqlen_q, SymInt? max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv, "
+      "Tensor dsink)");
   // Log-sum-exp merge of partial attentions over disjoint key sets (fp32 accumulation).
   m.def("merge_attention(Tensor[] outs, Tensor[] lses) -> (Tensor out, Tensor lse)");
   m.def(

@@ -120,19 +120,34 @@ def test_varlen_gradients(method, batch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"d{name}: {m}")
 
 
-def test_bad_input():
+# Where the two paths word an error differently: the fused op's C++ checks (attention's) and
+# the unfused composition's Python layout checks, each naming the argument.
+BAD_CU_MESSAGES = {
+    True: dict(end=r"cu_seqlens_k\[-1\] = 6 must equal the number of tokens 7",
+               dtype="cu_seqlens_q must be int32", length=r"cu_seqlens_k must be 1-D of length batch \+ 1 = 3"),
+    False: dict(end="must start at 0, be non-decreasing and end at 7", dtype="1-D int32",
+                length="the same length"),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
+def test_bad_input(fused):
     q, k, v, cu_q, cu_k = _packed("cpu", torch.float32, [3, 4], [3, 4])
     inv = frequencies(24, 10000.0)[0]
-    f = extend.rerope_attention
+    msg = BAD_CU_MESSAGES[fused]
+
+    def f(*args, **kw):
+        return extend.rerope_attention(*args, fused=fused, **kw)
+
     with pytest.raises(ValueError, match="must be given together"):
         f(q, k, v, inv, window=2, cu_seqlens_q=cu_q)
     with pytest.raises(ValueError, match=r"\(tokens, heads, head_dim\)"):
         f(q[None], k[None], v[None], inv, window=2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    with pytest.raises(ValueError, match="must start at 0, be non-decreasing and end at 7"):
+    with pytest.raises(ValueError, match=msg["end"]):
         f(q, k, v, inv, window=2, cu_seqlens_q=cu_q, cu_seqlens_k=torch.tensor([0, 5, 6], dtype=torch.int32))
-    with pytest.raises(ValueError, match="1-D int32"):
+    with pytest.raises(ValueError, match=msg["dtype"]):
         f(q, k, v, inv, window=2, cu_seqlens_q=cu_q.long(), cu_seqlens_k=cu_k)
-    with pytest.raises(ValueError, match="the same length"):
+    with pytest.raises(ValueError, match=msg["length"]):
         f(q, k, v, inv, window=2, cu_seqlens_q=cu_q, cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32))
     with pytest.raises(ValueError, match="q_start must be an int or None"):
         f(q, k, v, inv, window=2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, q_start=1.5)

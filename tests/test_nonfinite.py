@@ -124,6 +124,17 @@ def test_planted_nan_fp32(mask, spot, device):
     assert bad["out"][1].any()
 
 
+@pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("value", ["inf", "ninf", "nan"])
+def test_planted_key_fp32_vector_rows(value, softcap, device):
+    """fp32 rows of 16 keys or more take the vector exp: a +inf logit against the row's +inf max
+    (exp(inf - inf)) and a NaN logit must make the row NaN there as in the scalar path, softcap
+    must keep a NaN logit NaN, and softcap(+-inf) = +-softcap stays finite."""
+    bad = _run_case(dict(causal=True, softcap=softcap), _at("k", 150, VALUES[value]),
+                    torch.float32, device)
+    assert bad["out"][1].any() == (softcap == 0.0 or value == "nan")
+
+
 def test_planted_in_one_varlen_sequence(device):
     def plant(q, k, v, kw):  # token 130 of the flattened batch: sequence 1 (tokens 100-219)
         k[0, 130, 1, 0] = float("nan")

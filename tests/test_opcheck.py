@@ -184,6 +184,8 @@ OPS_ELSEWHERE = {"rope": "tests/test_rope.py", "rope_": "tests/test_rope.py",
                  "compact_rerotate_": "tests/test_kvcache.py",
                  "decode_attention_paged": "tests/test_kvcache_paged.py",
                  "compact_paged_": "tests/test_kvcache_paged.py",
+                 "rope_attention": "tests/test_extend_fused.py",
+                 "rope_attention_backward": "tests/test_extend_fused.py",
                  "composite": "tests/test_compile_dynamic.py",
                  "composite_backward": "tests/test_compile_dynamic.py"}
 OPS.extend(OPS_ELSEWHERE)

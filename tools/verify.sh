@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The verification tooling, one entry (docs/development.md): `make verify STEPS="..."` or
 # `bash tools/verify.sh STEP...`. Steps:
-#   emu            the SIMT, RoPE, merge and KV-cache CUDA kernels on the CPU (tools/simt_emu) under
-#                  a subset of the suite (EMU_TESTS, EMU_K)
+#   emu            the SIMT, RoPE, RoPE attention, merge and KV-cache CUDA kernels on the CPU
+#                  (tools/simt_emu) under a subset of the suite (EMU_TESTS, EMU_K)
 #   emu-asan       the same with the emulation built under AddressSanitizer
 #   flash-emu-asan tests/test_flash_emu*.py with the flash emulator built under AddressSanitizer
 #   kvpress        tests/test_kvcache_kvpress.py against NVIDIA kvpress, with the development
@@ -34,13 +34,17 @@ PYTEST=(-m pytest -q -p no:cacheprovider)
 # gradchecks, the long sequences, the GQA and cross-length sweeps, the fp16/fp64 option sweeps
 # (fp16 and fp64 still run through test_grads and the head-dim, varlen, masked-row tests), and the
 # fuzz's long cases (hd 256 at L 700 takes minutes emulated; its 60 short random cases run).
+# Of test_extend_fused it leaves out the fp64 gradchecks (3 minutes emulated; the dense
+# references check every dtype's gradients there) and test_tile_shapes' forced CPU tiles (the
+# emulated kernels pick their own tiles, so those repeat the auto case).
 EMU_TESTS=${EMU_TESTS:-"tests/test_attention.py tests/test_backward.py tests/test_rope.py
   tests/test_rope_frequencies.py tests/test_rope_grad.py tests/test_merge.py tests/test_kvcache.py
   tests/test_kvcache_paged.py tests/test_kvcache_policies.py tests/test_fuzz.py tests/test_nonfinite.py
-  tools/simt_emu/test_emu_cuda_paths.py"}
+  tests/test_extend_fused.py tools/simt_emu/test_emu_cuda_paths.py"}
 EMU_K=${EMU_K-"not test_gradcheck_attention and not test_lengths and not test_gqa and
   not test_options_cross_lengths and not (test_options and (fp16 or fp64)) and
-  not test_random_long_case"}
+  not test_random_long_case and not (test_extend_fused and test_gradcheck) and
+  not (test_extend_fused and test_tile_shapes and not auto)"}
 
 # ASan runs: the interpreter is not instrumented, so libasan is preloaded, with libstdc++ (python
 # does not link it, and ASan's __cxa_throw interceptor, i.e. a TORCH_CHECK, needs it loaded when

@@ -35,6 +35,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // exp2 and saturates exactly: tanh(y) = 1 - 2 / (exp(2y) + 1), |y| <= 20 keeps exp2 finite, and
 // tanh(20) is 1 in fp32. fp64 (the gradcheck path) uses the accurate tanh.
 LONGATTN_HD float softcap_tanh(float y) {
+  if (y != y) return y;  // fmaxf would turn a NaN logit into -20, i.e. a finite one
   const float y2 = fminf(fmaxf(y, -20.f), 20.f) * (2.f * kLog2e);
   return 1.f - 2.f / (exp2f(y2) + 1.f);
 }

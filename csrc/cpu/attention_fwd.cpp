@@ -4,17 +4,14 @@
 // yields at most two key ranges (sinks, window band); tiles inside them are classified
 // full/partial/empty, empty tiles are never touched and only partial tiles pay for
 // per-element masking. Score tiles
-// go through BLAS (Q K^T, P V); the softmax runs on at::vec rows.
+// go through BLAS (Q K^T, P V); the softmax runs on at::vec rows (cpu/forward_rows.h).
 #include <vector>
 
-#include "common/merge.h"
 #include "cpu/attention_kernels.h"
+#include "cpu/forward_rows.h"
 #include "cpu/gemm.h"
-#include "cpu/key_split.h"
-#include "cpu/parallel.h"
 #include "cpu/tile.h"
 #include "cpu/tuning.h"
-#include "cpu/work_items.h"
 
 namespace longattn::cpu {
 
@@ -34,20 +31,6 @@ CpuTiles choose_tiles(const AttentionParams& p) {
 }
 
 namespace {
-
-// Normalizes the accumulated row o (D values, running max m, sum l) in place and returns its
-// lse, by the shared row rules (common/softmax_row.h): a learned sink logit joins the
-// denominator and carries no value; a row that saw nothing gets o = 0, lse = -inf.
-template <typename A>
-A finish_row(A m, A l, A* o, int64_t D, bool has_sink, A sink_logit, bool sees_keys) {
-  const RowFinish<A> f = finish_softmax_row<A>(m, l, has_sink, sink_logit, sees_keys);
-  if (f.out_scale == A(0)) {
-    std::fill(o, o + D, A(0));  // not o * 0: a NaN in o must not survive a zero weight
-  } else {
-    scale_row<A>(o, D, f.out_scale);
-  }
-  return f.lse;
-}
 
 template <typename T>
 struct FwdScratch {
@@ -81,12 +64,10 @@ void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
   const A* Q = load_rows<T>(qp, p.q_row_stride, nq, D, w.q.data(), &ldq);
 
   A* S = w.s.data();
-  A* O = w.o.data();
-  A* m = w.m.data();
-  A* l = w.l.data();
-  std::fill(O, O + nq * D, A(0));
-  std::fill(m, m + nq, neg_inf<A>());
-  std::fill(l, l + nq, A(0));
+  const RunningRows<A> run{w.o.data(), w.m.data(), w.l.data(), D};
+  std::fill(run.O, run.O + nq * D, A(0));
+  std::fill(run.m, run.m + nq, neg_inf<A>());
+  std::fill(run.l, run.l + nq, A(0));
 
   const ScoreParams& sp = p.score;
   const float slope = sp.has_alibi ? p.alibi_slopes[h] : 0.f;
@@ -118,35 +99,11 @@ void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
 
       // Rows [r0, r1) against tile columns [c0, c1): S = Q K^T, online softmax, O += P V.
       auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool masked) {
-        const int64_t n = c1 - c0, sf = s0 + c0;
+        const int64_t n = c1 - c0;
         gemm<A>(r1 - r0, n, D, Q + r0 * ldq, ldq, 1, w.kt.data() + c0, nk, false, S + r0 * ldS, ldS);
-        for (int64_t r = r0; r < r1; ++r) {
-          A* x = S + r * ldS;
-          const int64_t pos = p0 + r;
-          const RowCtx rc{pos, sf, sp.scale * logn_factor(pos, sp.inv_log_logn_base), slope};
-          A mul = static_cast<A>(rc.row_scale);
-          if (!sp.plain()) {
-            transform_row<A>(x, n, rc, sp, nullptr);
-            mul = A(1);
-          }
-          if (masked) mask_row<A>(x, n, mask, pos, sf);
-          const A mx = row_max<A>(x, n) * mul;
-          const A m_new = max_nan(m[r], mx);
-          // A row that sees a non-finite value (zeroed in the clean V) is NaN; its lse is not.
-          if (v_bad && w.nonfinite.row_sees_bad(mask, pos, s0, c0, c1)) {
-            std::fill(O + r * D, O + (r + 1) * D, A(NAN));
-          }
-          if (m_new == neg_inf<A>()) {  // nothing visible yet: contribute zeros
-            std::fill(x, x + n, A(0));
-            continue;
-          }
-          const A alpha = std::exp(m[r] - m_new);
-          const A sum = exp_sum<A>(x, n, mul, m_new);
-          l[r] = l[r] * alpha + sum;
-          if (alpha != A(1)) scale_row<A>(O + r * D, D, alpha);
-          m[r] = m_new;
-        }
-        gemm<A>(r1 - r0, D, n, S + r0 * ldS, ldS, 1, V + c0 * ldv, ldv, true, O + r0 * D, D);
+        online_softmax_rows<A>(S, ldS, r0, r1, n, p0, s0 + c0, sp, slope, mask, masked,
+                               v_bad ? &w.nonfinite : nullptr, s0, c0, c1, run);
+        gemm<A>(r1 - r0, D, n, S + r0 * ldS, ldS, 1, V + c0 * ldv, ldv, true, run.O + r0 * D, D);
       };
 
       for_each_row_group(mask, kind, i0, nq, j0, nk, si.k_len, block);
@@ -156,58 +113,10 @@ void forward_keys(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
   if (part_out != nullptr) {
     // A chunk is one part of its rows' keys: the sink logit and the fully-masked-row test wait
     // for the merge (merge_chunks).
-    for (int64_t r = 0; r < nq; ++r) {
-      A* o = O + r * D;
-      part_lse[r] = finish_row<A>(m[r], l[r], o, D, false, A(0), false);
-      std::copy(o, o + D, part_out + r * D);
-    }
+    finish_chunk_rows<A>(nq, run, part_out, part_lse);
     return;
   }
-  T* out = static_cast<T*>(p.out) + out_offset(p, si, it.b, h) + i0 * p.heads_q * D;
-  A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, it.b, h) + i0;
-  const A sink_logit = sp.has_sink_logit ? static_cast<A>(p.sink_logit(h)) : neg_inf<A>();
-  for (int64_t r = 0; r < nq; ++r) {
-    A* o = O + r * D;
-    const bool sees = m[r] == neg_inf<A>() && mask.row_sees_keys(i0 + r, si.k_len);
-    lse[r] = finish_row<A>(m[r], l[r], o, D, sp.has_sink_logit, sink_logit, sees);
-    store_row<T>(o, out + r * p.heads_q * D, D);
-  }
-}
-
-// The chunks of one split item, merged per row in chunk order (common/merge.h), then finished
-// by the row rules (the sink logit, the fully-masked-row test) as an unsplit row is: the
-// merged row is its own softmax with max lse and sum 1.
-template <typename T>
-void merge_chunks(const AttentionParams& p, const CpuTiles& tiles, const WorkItem& it,
-                  const SplitItem& sp_item, const acc_t<T>* part_out, const acc_t<T>* part_lse,
-                  std::vector<acc_t<T>>& buf) {
-  using A = acc_t<T>;
-  const int64_t D = p.head_dim, chunks = sp_item.chunks;
-  const SeqInfo si = seq_info(p, it.b);
-  const int64_t i0 = it.tile * tiles.q, nq = std::min(tiles.q, si.q_len - i0);
-  const bool has_sink = p.score.has_sink_logit;
-  const A sink_logit = has_sink ? static_cast<A>(p.sink_logit(it.h)) : A(0);
-  const int n = static_cast<int>(chunks);
-  buf.resize(2 * n + D);
-  A* lses = buf.data();
-  A* weights = lses + n;
-  A* acc = weights + n;
-
-  T* out = static_cast<T*>(p.out) + out_offset(p, si, it.b, it.h) + i0 * p.heads_q * D;
-  A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, it.b, it.h) + i0;
-  for (int64_t r = 0; r < nq; ++r) {
-    for (int64_t c = 0; c < chunks; ++c) lses[c] = part_lse[(sp_item.first_slot + c) * tiles.q + r];
-    const A merged = merge_weights<A>(lses, n, weights);
-    std::fill(acc, acc + D, A(0));
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (weights[c] == A(0)) continue;  // a chunk that saw nothing, or underflow
-      const A* o = part_out + ((sp_item.first_slot + c) * tiles.q + r) * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] += weights[c] * o[d];
-    }
-    const bool sees = merged == neg_inf<A>() && si.mask.row_sees_keys(i0 + r, si.k_len);
-    lse[r] = finish_row<A>(merged, A(1), acc, D, has_sink, sink_logit, sees);
-    store_row<T>(acc, out + r * p.heads_q * D, D);
-  }
+  finish_item_rows<T>(p, si, it.b, h, i0, nq, run);
 }
 
 }  // namespace
@@ -215,34 +124,12 @@ void merge_chunks(const AttentionParams& p, const CpuTiles& tiles, const WorkIte
 template <typename T>
 void attention_forward(const AttentionParams& p) {
   const CpuTiles tiles = choose_tiles(p);
-  const std::vector<WorkItem> items = query_tile_items(p, tiles);
-  const ForwardPlan plan = plan_forward(p, tiles, items);
-  using A = acc_t<T>;
-  // Linear scratch: one partial (tile rows x D, and lse) per chunk of the split items.
-  std::vector<A> part_out(plan.slots * tiles.q * p.head_dim), part_lse(plan.slots * tiles.q);
-  parallel_items(
-      static_cast<int64_t>(plan.units.size()), [&] { return FwdScratch<T>(tiles, p.head_dim); },
-      [&](int64_t i, FwdScratch<T>& w) {
-        const ForwardUnit& u = plan.units[i];
-        const bool whole = u.slot < 0;
-        forward_keys<T>(p, tiles, items[u.item], u.tile_begin, u.tile_end, w,
-                        whole ? nullptr : part_out.data() + u.slot * tiles.q * p.head_dim,
-                        whole ? nullptr : part_lse.data() + u.slot * tiles.q);
+  run_forward<T>(
+      p, tiles, [&] { return FwdScratch<T>(tiles, p.head_dim); },
+      [&](const WorkItem& it, int64_t tile_begin, int64_t tile_end, FwdScratch<T>& w,
+          acc_t<T>* part_out, acc_t<T>* part_lse) {
+        forward_keys<T>(p, tiles, it, tile_begin, tile_end, w, part_out, part_lse);
       });
-  // The merge reads each partial once. A parallel region costs tens of microseconds (a
-  // scheduler tick when the other cores are busy), so a small merge stays on this thread.
-  const int64_t merge_reads = plan.slots * tiles.q * p.head_dim;
-  auto merge = [&](int64_t i, std::vector<A>& buf) {
-    const SplitItem& s = plan.split[i];
-    merge_chunks<T>(p, tiles, items[s.item], s, part_out.data(), part_lse.data(), buf);
-  };
-  const int64_t n_split = static_cast<int64_t>(plan.split.size());
-  if (merge_reads >= (int64_t(1) << 20)) {
-    parallel_items(n_split, [] { return std::vector<A>(); }, merge);
-  } else {
-    std::vector<A> buf;
-    for (int64_t i = 0; i < n_split; ++i) merge(i, buf);
-  }
 }
 
 template void attention_forward<float>(const AttentionParams&);

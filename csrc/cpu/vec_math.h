@@ -51,6 +51,11 @@ inline bool any_nonfinite(const T* x, int64_t ld, int64_t rows, int64_t D) {
   return false;
 }
 
+// at::vec's fast exp of a NaN is not NaN: the NaN is put back, so that exp(inf - inf) (an
+// infinite logit against the row's infinite max) or a NaN lse makes the row NaN, as the dense
+// softmax does (common/softmax_row.h), in the vector path as in the scalar one.
+inline fVec exp_keep_nan(const fVec& a) { return fVec::blendv(a.exp_u20(), a, a.isnan()); }
+
 // x[j] = exp(x[j] * mul - sub); returns the sum. x[j] = -inf gives 0.
 template <typename T>
 inline T exp_sum(T* x, int64_t n, T mul, T sub) {
@@ -60,7 +65,7 @@ inline T exp_sum(T* x, int64_t n, T mul, T sub) {
     const fVec vmul(mul), vsub(sub);
     fVec vsum(0.f);
     for (; j + fVec::size() <= n; j += fVec::size()) {
-      fVec e = at::vec::fmsub(fVec::loadu(x + j), vmul, vsub).exp_u20();
+      fVec e = exp_keep_nan(at::vec::fmsub(fVec::loadu(x + j), vmul, vsub));
       e.store(x + j);
       vsum = vsum + e;
     }
@@ -96,7 +101,7 @@ inline void softcap_row(T* x, int64_t n, T scale, T cap) {
   if constexpr (std::is_same_v<T, float>) {
     const fVec vinv(2.f * inv), vcap(cap), one(1.f), two(2.f);
     for (; j + fVec::size() <= n; j += fVec::size()) {
-      const fVec e = (fVec::loadu(x + j) * vinv).exp_u20();
+      const fVec e = exp_keep_nan(fVec::loadu(x + j) * vinv);
       (vcap * (one - two / (e + one))).store(x + j);
     }
   }

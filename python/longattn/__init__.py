@@ -7,8 +7,9 @@ Public API:
     dilated_attention   LongNet dilated attention built on strided views
     ring_attention      context parallelism over torch.distributed (module ``ring``)
     apply_rope          fused RoPE on q and k (NeoX / GPT-J pairing, partial rotary, exact angles)
+    rope_attention      attention over q and k before RoPE, rotated inside the kernel
     rope                frequencies() for every context-extension scaling, rerotate_keys()
-    extend              SelfExtend, ReRoPE, LM-Infinite on top of attention + merge
+    extend              SelfExtend, ReRoPE, LM-Infinite: RoPE attention with position remaps
     kvcache             KVCache with per-head lengths, decode_attention (fused H2O scores),
                         in-place compact_, select_keep, StreamingLLM/H2O/TOVA/SnapKV/Ada-KV
     build_info          how the extension was compiled
@@ -22,12 +23,13 @@ from ._version import __version__
 from ._torch_check import load_extension
 
 _C = load_extension()
-from . import _ops, _rope_ops, _kvcache_ops  # noqa: E402,F401  (fake kernels, autograd)
+from . import _ops, _rope_ops, _rope_attention_ops, _kvcache_ops  # noqa: E402,F401  (fake kernels, autograd)
 from .attention import UNBOUNDED, attention, merge_attention, window_bounds  # noqa: E402
 from .dilated import dilated_attention  # noqa: E402
 from . import ring, rope, extend, kvcache  # noqa: E402
 from .ring import ring_attention  # noqa: E402
 from .rope import apply_rope  # noqa: E402
+from .rope_attention import rope_attention  # noqa: E402
 
 
 def build_info() -> dict:
@@ -36,5 +38,5 @@ def build_info() -> dict:
 
 
 __all__ = ["attention", "merge_attention", "dilated_attention", "ring_attention", "ring",
-           "apply_rope", "rope", "extend", "kvcache",
+           "apply_rope", "rope_attention", "rope", "extend", "kvcache",
            "build_info", "UNBOUNDED", "window_bounds", "__version__"]

@@ -1,23 +1,31 @@
-"""Training-free context extension as position remaps on top of attention + merge.
+"""Training-free context extension as position remaps of RoPE attention.
 
 Each method gives every (query p, key s) pair a relative position that differs from ``p - s``
-only for keys beyond a neighbor window. Inside the window the usual RoPE positions are kept;
-beyond it the method's remap is a rotation of q and of k by *other* positions, so the two key
-sets are two ordinary attention calls over differently rotated copies of q and k, with
-complementary windows on the true positions:
+only for keys beyond a neighbor window: keys with ``0 <= p - s < W`` (near) keep the usual RoPE
+positions, farther ones (far) are scored with q and k rotated by the method's positions.
+
+By default (``fused=True``) one kernel pass does it: ``torch.ops.longattn.rope_attention``
+takes q and k before RoPE and rotates them as their tiles are loaded, each (query tile, key
+tile) pair by the side(s) its pairs take (csrc/common/remap.h): a tile wholly near or wholly far
+computes one score set, only the tiles on the boundary compute both and pick per element. No
+rotated copy of q or k is stored.
+
+``fused=False`` runs the reference composition: q and k rotated twice (four rotated copies),
+two attention calls over complementary windows on the true positions,
 
     near:  causal, window (W - 1, 0)       keys with 0 <= p - s < W
     far:   causal, window (None, -W)       keys with p - s >= W
 
-and the partial results are merged exactly by their log-sum-exp (``merge_attention``). No score
-matrix is built, memory stays linear, and both calls skip the tiles their window excludes.
+and the partial results merged exactly by their log-sum-exp (``merge_attention``). The fused
+kernels have no gradient for inv_freq, so a call whose inv_freq requires grad takes this path.
 
 All functions take q ``(B, Lq, Hq, D)``, k/v ``(B, Lk, Hkv, D)`` *before* RoPE, query row i at
 position ``p = q_start + i`` (default ``Lk - Lq``, bottom-right aligned) and key j at ``s = j``;
 or the varlen form q ``(Tq, Hq, D)``, k/v ``(Tk, Hkv, D)`` with ``cu_seqlens_q/k`` (int32
 ``(batch + 1,)``, as ``longattn.attention``), positions restarting at 0 in every sequence and
 ``q_start`` (default ``Lk - Lq`` of each sequence) applying to each. A varlen batch gives what
-each sequence gives alone in the dense form. They are differentiable in q, k, v and inv_freq.
+each sequence gives alone in the dense form. ``scale``, ``softcap`` and ``sink_logits`` are
+``longattn.attention``'s. They are differentiable in q, k, v, sink_logits and inv_freq.
 References: ``longattn.rope_reference`` (a dense per-pair implementation of each method).
 """
 from __future__ import annotations
@@ -31,6 +39,7 @@ from ._extend_layout import first_keys_attention, make_layout
 from ._ops import _lse_dtype
 from .attention import attention, merge_attention
 from .rope import apply_rope
+from .rope_attention import fused as _fused, needs_freq_grad
 
 __all__ = ["self_extend_attention", "rerope_attention", "lm_infinite_attention",
            "self_extend_positions"]
@@ -47,12 +56,16 @@ def _positive_int(x, what, name):
     return x
 
 
-def _varlen_as_one_op(method, q, k, v, inv_freq, cu_q, cu_k, return_lse, options):
-    """The varlen form under torch.compile: one opaque op (longattn/_opaque.py), since the
-    composition reads the sequence table on the host."""
-    out, lse = _opaque.call("extend_varlen", [q, k, v, inv_freq, cu_q, cu_k], method=method,
-                            **options)
+def _varlen_as_one_op(method, q, k, v, inv_freq, cu_q, cu_k, return_lse, options, sink_logits):
+    """The unfused varlen form under torch.compile: one opaque op (longattn/_opaque.py), since
+    the composition reads the sequence table on the host."""
+    out, lse = _opaque.call("extend_varlen", [q, k, v, inv_freq, cu_q, cu_k, sink_logits],
+                            method=method, **options)
     return (out, lse) if return_lse else out
+
+
+def _result(out_lse, return_lse):
+    return out_lse if return_lse else out_lse[0]
 
 
 def _merge(parts, return_lse):
@@ -73,29 +86,38 @@ def self_extend_attention(q, k, v, inv_freq, *, group_size: int, window: int,
                           interleaved: bool = False, scale: Optional[float] = None,
                           q_start: Optional[int] = None, cu_seqlens_q=None, cu_seqlens_k=None,
                           max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                          return_lse: bool = False):
+                          softcap: float = 0.0, sink_logits: Optional[torch.Tensor] = None,
+                          return_lse: bool = False, fused: bool = True):
     """SelfExtend (Jin et al. 2024): causal attention in which keys within ``window`` of the
     query use normal RoPE positions and farther keys use grouped (floor-divided) positions.
 
     ``group_size=1`` is plain causal RoPE attention. Returns ``out`` (and ``lse``).
     """
     name = "self_extend_attention"
+    _check_freq(inv_freq, name)
+    G = _positive_int(group_size, "group_size", name)
+    W = _positive_int(window, "window", name)
+    if fused and not needs_freq_grad(inv_freq):
+        return _result(_fused(
+            q, k, v, inv_freq, "self_extend", window=W, group_size=G,
+            attention_scaling=attention_scaling, rotary_dim=rotary_dim, interleaved=interleaved,
+            scale=scale, softcap=softcap, sink_logits=sink_logits, q_start=q_start,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k), return_lse)
     if cu_seqlens_q is not None and torch.compiler.is_compiling():
         return _varlen_as_one_op("self_extend", q, k, v, inv_freq, cu_seqlens_q, cu_seqlens_k,
                                  return_lse, dict(
                                      group_size=group_size, window=window,
                                      attention_scaling=attention_scaling, rotary_dim=rotary_dim,
                                      interleaved=interleaved, scale=scale, q_start=q_start,
-                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
-    _check_freq(inv_freq, name)
-    G = _positive_int(group_size, "group_size", name)
-    W = _positive_int(window, "window", name)
+                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                     softcap=softcap), sink_logits)
     lay = make_layout(q, k, v, q_start, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name)
     p, s = lay.p, lay.s
     rope = dict(attention_scaling=attention_scaling, rotary_dim=rotary_dim, interleaved=interleaved)
-    attn = dict(causal=True, scale=scale, return_lse=True, **lay.attn)
+    attn = dict(causal=True, scale=scale, softcap=softcap, return_lse=True, **lay.attn)
     near = attention(apply_rope(q, None, p, inv_freq, **rope), apply_rope(k, None, s, inv_freq, **rope),
-                     v, window=(W - 1, 0), **attn)
+                     v, window=(W - 1, 0), sink_logits=sink_logits, **attn)
     pg, sg = self_extend_positions(p, s, G, W)
     far = attention(apply_rope(q, None, pg, inv_freq, **rope), apply_rope(k, None, sg, inv_freq, **rope),
                     v, window=(None, -W), **attn)
@@ -107,7 +129,8 @@ def rerope_attention(q, k, v, inv_freq, *, window: int, leak: Optional[float] = 
                      interleaved: bool = False, scale: Optional[float] = None,
                      q_start: Optional[int] = None, cu_seqlens_q=None, cu_seqlens_k=None,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                     return_lse: bool = False):
+                     softcap: float = 0.0, sink_logits: Optional[torch.Tensor] = None,
+                     return_lse: bool = False, fused: bool = True):
     """ReRoPE (Su 2023): causal attention with relative position ``min(p - s, window)``; with
     ``leak=k`` (leaky ReRoPE) distances past the window grow at 1/k: ``w + (p - s - w) / k``.
 
@@ -117,25 +140,32 @@ def rerope_attention(q, k, v, inv_freq, *, window: int, leak: Optional[float] = 
     theta / k is taken in float64 so no fp32 rounding of the frequency enters the angle.
     """
     name = "rerope_attention"
+    _check_freq(inv_freq, name)
+    W = _positive_int(window, "window", name)
+    if leak is not None and not (isinstance(leak, (int, float)) and not isinstance(leak, bool) and leak >= 1):
+        raise ValueError(f"{name}: leak must be a number >= 1 or None, got {leak!r}")
+    if fused and not needs_freq_grad(inv_freq):
+        return _result(_fused(
+            q, k, v, inv_freq, "rerope", window=W, leak=leak, attention_scaling=attention_scaling,
+            rotary_dim=rotary_dim, interleaved=interleaved, scale=scale, softcap=softcap,
+            sink_logits=sink_logits, q_start=q_start, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k),
+            return_lse)
     if cu_seqlens_q is not None and torch.compiler.is_compiling():
         return _varlen_as_one_op("rerope", q, k, v, inv_freq, cu_seqlens_q, cu_seqlens_k,
                                  return_lse, dict(
                                      window=window, leak=leak, attention_scaling=attention_scaling,
                                      rotary_dim=rotary_dim, interleaved=interleaved, scale=scale,
                                      q_start=q_start, max_seqlen_q=max_seqlen_q,
-                                     max_seqlen_k=max_seqlen_k))
-    _check_freq(inv_freq, name)
-    W = _positive_int(window, "window", name)
-    if leak is not None and not (isinstance(leak, (int, float)) and not isinstance(leak, bool) and leak >= 1):
-        raise ValueError(f"{name}: leak must be a number >= 1 or None, got {leak!r}")
+                                     max_seqlen_k=max_seqlen_k, softcap=softcap), sink_logits)
     lay = make_layout(q, k, v, q_start, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name)
     p, s = lay.p, lay.s
     rope = dict(rotary_dim=rotary_dim, interleaved=interleaved)
     A = attention_scaling
-    attn = dict(causal=True, scale=scale, return_lse=True, **lay.attn)
+    attn = dict(causal=True, scale=scale, softcap=softcap, return_lse=True, **lay.attn)
     near = attention(apply_rope(q, None, p, inv_freq, attention_scaling=A, **rope),
                      apply_rope(k, None, s, inv_freq, attention_scaling=A, **rope),
-                     v, window=(W - 1, 0), **attn)
+                     v, window=(W - 1, 0), sink_logits=sink_logits, **attn)
     q_far = apply_rope(q, None, torch.full_like(p, W), inv_freq, attention_scaling=A, **rope)
     if leak is None:
         k_far = apply_rope(k, None, torch.zeros_like(s), inv_freq, attention_scaling=A, **rope)
@@ -152,7 +182,9 @@ def lm_infinite_attention(q, k, v, inv_freq, *, local_window: int, global_tokens
                           rotary_dim: Optional[int] = None, interleaved: bool = False,
                           scale: Optional[float] = None, q_start: Optional[int] = None,
                           cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: Optional[int] = None,
-                          max_seqlen_k: Optional[int] = None, return_lse: bool = False):
+                          max_seqlen_k: Optional[int] = None, softcap: float = 0.0,
+                          sink_logits: Optional[torch.Tensor] = None, return_lse: bool = False,
+                          fused: bool = True):
     """LM-Infinite (Han et al. 2023): the lambda mask plus the distance ceiling.
 
     Keys within ``local_window`` (``0 <= p - s < n_local``) are scored with normal RoPE; the first
@@ -161,6 +193,18 @@ def lm_infinite_attention(q, k, v, inv_freq, *, local_window: int, global_tokens
     (Glaciohound/LM-Infinite's "stationary" branch). Other keys are invisible.
     """
     name = "lm_infinite_attention"
+    _check_freq(inv_freq, name)
+    W = _positive_int(local_window, "local_window", name)
+    if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
+        raise ValueError(f"{name}: global_tokens must be an int >= 0, got {global_tokens!r}")
+    M = W if max_distance is None else _positive_int(max_distance, "max_distance", name)
+    if fused and not needs_freq_grad(inv_freq):
+        return _result(_fused(
+            q, k, v, inv_freq, "lm_infinite", window=W, global_tokens=global_tokens,
+            max_distance=M, attention_scaling=attention_scaling, rotary_dim=rotary_dim,
+            interleaved=interleaved, scale=scale, softcap=softcap, sink_logits=sink_logits,
+            q_start=q_start, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k), return_lse)
     if cu_seqlens_q is not None and torch.compiler.is_compiling():
         return _varlen_as_one_op("lm_infinite", q, k, v, inv_freq, cu_seqlens_q, cu_seqlens_k,
                                  return_lse, dict(
@@ -168,18 +212,14 @@ def lm_infinite_attention(q, k, v, inv_freq, *, local_window: int, global_tokens
                                      max_distance=max_distance,
                                      attention_scaling=attention_scaling, rotary_dim=rotary_dim,
                                      interleaved=interleaved, scale=scale, q_start=q_start,
-                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
-    _check_freq(inv_freq, name)
-    W = _positive_int(local_window, "local_window", name)
-    if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
-        raise ValueError(f"{name}: global_tokens must be an int >= 0, got {global_tokens!r}")
-    M = W if max_distance is None else _positive_int(max_distance, "max_distance", name)
+                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                     softcap=softcap), sink_logits)
     lay = make_layout(q, k, v, q_start, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name)
     p, s = lay.p, lay.s
     rope = dict(attention_scaling=attention_scaling, rotary_dim=rotary_dim, interleaved=interleaved)
-    attn = dict(causal=True, scale=scale, return_lse=True)
+    attn = dict(causal=True, scale=scale, softcap=softcap, return_lse=True)
     parts = [attention(apply_rope(q, None, p, inv_freq, **rope), apply_rope(k, None, s, inv_freq, **rope),
-                       v, window=(W - 1, 0), **attn, **lay.attn)]
+                       v, window=(W - 1, 0), sink_logits=sink_logits, **attn, **lay.attn)]
     if global_tokens > 0:
         q_far = apply_rope(q, None, torch.full_like(p, M), inv_freq, **rope)
 
@@ -205,6 +245,7 @@ def _extend_varlen_fake(tensors, method, **options):
 
 @_opaque.register("extend_varlen", _extend_varlen_fake)
 def _extend_varlen(tensors, method, **options):
-    q, k, v, inv_freq, cu_q, cu_k = tensors
+    q, k, v, inv_freq, cu_q, cu_k, *rest = tensors
+    sink_logits = rest[0] if rest else None
     return _METHODS[method](q, k, v, inv_freq, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                            return_lse=True, **options)
+                            sink_logits=sink_logits, return_lse=True, fused=False, **options)

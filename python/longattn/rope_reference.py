@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["rope_angles_ref", "apply_rope_ref", "rope_grads_ref", "relative_rope_attention_ref",
-           "self_extend_delta", "rerope_delta", "lm_infinite_delta"]
+           "rope_delta", "self_extend_delta", "rerope_delta", "lm_infinite_delta"]
 
 
 def rope_angles_ref(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -86,15 +86,18 @@ def relative_rope_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 inv_freq: torch.Tensor, delta: torch.Tensor,
                                 visible: torch.Tensor, *, attention_scaling: float = 1.0,
                                 rotary_dim: Optional[int] = None, interleaved: bool = False,
-                                scale: Optional[float] = None,
+                                scale: Optional[float] = None, softcap: float = 0.0,
+                                sink_logits: Optional[torch.Tensor] = None,
                                 upcast: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention whose score for query row i and key j is
-    ``scale * (A^2 <R(delta[i, j] * theta) q_rot, k_rot> + <q_tail, k_tail>)`` on ``visible``.
+    ``scale * (A^2 <R(delta[i, j] * theta) q_rot, k_rot> + <q_tail, k_tail>)`` on ``visible``,
+    then ``softcap * tanh(x / softcap)`` when softcap > 0; ``sink_logits`` (``(Hq,)``) join each
+    row's denominator with no value, as in ``longattn.attention``.
 
     q ``(B, Lq, Hq, D)``, k/v ``(B, Lk, Hkv, D)`` un-rotated; ``delta`` float ``(Lq, Lk)``, the
     relative position the method assigns to each pair (for plain RoPE ``p - s``);
     ``visible`` bool ``(Lq, Lk)``. Returns ``out (B, Lq, Hq, D)`` and ``lse (B, Hq, Lq)``; rows
-    with no visible key give 0 and -inf.
+    with no visible key give 0 and -inf (the sink logit's lse with one).
     """
     rotary_dim = 2 * inv_freq.numel() if rotary_dim is None else rotary_dim
     dtype = torch.float64 if upcast else q.dtype
@@ -113,8 +116,14 @@ def relative_rope_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     rot = (same * ang.cos().to(dtype) + cross * ang.sin().to(dtype)).sum(-1)
     tail = torch.einsum("bihd,bjhd->bhij", qd[..., rotary_dim:], kd[..., rotary_dim:])
     logits = scale * (attention_scaling ** 2 * rot + tail)
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # (B, H, Lq)
+    if sink_logits is None:
+        lse = torch.logsumexp(logits, dim=-1)  # (B, H, Lq)
+    else:
+        z = sink_logits.to(dtype)[None, :, None, None].expand(*logits.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat((logits, z), dim=-1), dim=-1)
     p = torch.exp(logits - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
     p = p.masked_fill(~visible, 0.0)
     out = torch.einsum("bhij,bjhd->bihd", p, vd)
@@ -127,6 +136,14 @@ def _grid(Lq, Lk, q_start, device):
     p = torch.arange(Lq, device=device, dtype=torch.int64)[:, None] + q_start
     s = torch.arange(Lk, device=device, dtype=torch.int64)[None, :]
     return p, s
+
+
+def rope_delta(Lq: int, Lk: int, causal: bool = True, q_start=None, device=None):
+    """Plain RoPE (``longattn.rope_attention``): ``delta = p - s``, every key visible, or the
+    keys ``s <= p`` when causal. Returns (delta, visible)."""
+    p, s = _grid(Lq, Lk, q_start, device)
+    visible = s <= p if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    return (p - s).to(torch.float64), visible
 
 
 def self_extend_delta(Lq: int, Lk: int, group: int, window: int, q_start=None, device=None):

@@ -5,7 +5,7 @@ suite's calls through it (``install()``), so the suite's own tests check the CUD
   attention runs ``torch.ops.longattn_emu.attention`` / ``attention_backward`` (simt_emu.cpp:
   the SIMT launchers with guard bands around every output).
 * rope, rope_, rope_backward, merge_attention(_backward), merge_attention_, decode_attention,
-  compact_, compact_rerotate_, decode_attention_paged, compact_paged_:
+  compact_, compact_rerotate_, decode_attention_paged, compact_paged_, rope_attention(_backward):
   the CUDA registrations (csrc/cuda/*_register.cpp) and kernels (csrc/cuda/*.cu) are compiled
   unchanged for the CPU (units/*.cpp) and registered on the PrivateUse1 key; install() makes
   the ops' CPU kernels redispatch there, so every caller (the Python API, autograd, opcheck,
@@ -42,10 +42,11 @@ SETTINGS = {"smem_limit": 80 * 1024, "seed": 0, "sms": 8}
 #: The ops whose CUDA registration runs under the emulation (units/*_register.cpp).
 EMULATED_OPS = ("rope", "rope_", "rope_backward", "merge_attention", "merge_attention_backward",
                 "merge_attention_", "decode_attention", "compact_", "compact_rerotate_",
-                "decode_attention_paged", "compact_paged_")
+                "decode_attention_paged", "compact_paged_", "rope_attention",
+                "rope_attention_backward")
 
 _ARGS = ("attention_args.cpp", "rope_args.cpp", "merge_args.cpp", "kvcache_args.cpp",
-         "cuda/kernel_dtype_of.cpp")
+         "rope_attention_args.cpp", "cuda/kernel_dtype_of.cpp")
 
 ASAN = os.environ.get("SIMT_EMU_ASAN", "0") not in ("", "0")
 if ASAN:
@@ -157,7 +158,7 @@ def _kernel_names(library):
         addr, kind, name = line.split(" ", 2)
         if kind not in "tTwW" or "{lambda" in name or not name.endswith(")"):
             continue
-        m = re.match(r"(?:void )?longattn::cuda::(?:simt::)?(?:\(anonymous namespace\)::)?(\w+_kernel(?:<.*?>)?)\(", name)
+        m = re.match(r"(?:void )?longattn::cuda::(?:simt::|remap::)?(?:\(anonymous namespace\)::)?(\w+_kernel(?:<.*?>)?)\(", name)
         if m:
             names[int(addr, 16)] = m.group(1)
     return names

@@ -1,11 +1,11 @@
 """pytest plugin: ``pytest -p pytest_simt_emu tests/test_attention.py`` (with tools/simt_emu on
 PYTHONPATH) runs the suite's CUDA-kernel ops on the CPU under the SIMT emulator (emu_ops.py):
 longattn.attention through the SIMT attention kernels, and rope / rope_, merge_attention and
-its backward, decode_attention, compact_, compact_rerotate_ through their CUDA registrations
-and kernels. SIMT_EMU_SMEM (bytes of opt-in shared memory, default 81920; smaller forces
-smaller attention tiles), SIMT_EMU_SEED (scheduling) and SIMT_EMU_SMS (multiprocessors, which
-size decode's key split) vary the runs; SIMT_EMU_BUILD names
-the build directory (default: torch's extension cache).
+its backward, decode_attention, compact_, compact_rerotate_, decode_attention_paged,
+compact_paged_, rope_attention and its backward through their CUDA registrations and kernels.
+SIMT_EMU_SMEM (bytes of opt-in shared memory, default 81920; smaller forces smaller attention
+tiles), SIMT_EMU_SEED (scheduling) and SIMT_EMU_SMS (multiprocessors, which size decode's key
+split) vary the runs; SIMT_EMU_BUILD names the build directory (default: torch's extension cache).
 
 The tests run with device "cpu" but the emulated kernels follow the CUDA registration, so the
 few tests of CPU-only behaviour are deselected (DESELECT, with the reason). At the end the

@@ -65,6 +65,55 @@ __device__ void online_softmax_tile(const AttentionParams& p, const MaskParams& 
   }
 }
 
+// O = diag(row_alpha) O + P V for one key tile (P in S), ending at a barrier. A partial tile
+// pairs masked entries (P = 0) with V rows in its product: a non-finite row is zeroed first,
+// and the rows that see it become NaN instead (simt_common.cuh).
+template <typename A>
+__device__ __forceinline__ void accumulate_pv(const QueryTileWork& w, TileKind kind, int64_t s0,
+                                              int nk, int D, const SimtTiles& t, const A* S,
+                                              A* V, A* O, const A* row_alpha) {
+  if (kind != TileKind::kFull && tile_has_nonfinite(V, t.ld, nk, D)) {
+    for (int r = threadIdx.x; r < w.nq; r += kThreads) {
+      if (sees_nonfinite_row(w.si.mask, w.p0 + r, s0, V, t.ld, nk, D)) {
+        for (int d = 0; d < D; ++d) O[r * t.ld + d] = A(NAN);
+      }
+    }
+    __syncthreads();
+    zero_nonfinite_rows(V, t.ld, nk, D);
+    __syncthreads();
+  }
+  cta_gemm<A>(t.bq, t.dp, t.bk, S, t.lds, 1, V, t.ld, 1, O, t.ld, true, row_alpha);
+  __syncthreads();
+}
+
+// The query tile's lse and output after its last key tile, by the row rules of
+// common/softmax_row.h (the sink logit joins the denominator and carries no value; fully
+// masked rows get out 0, lse -inf); row_l becomes the output's scale.
+template <typename T, typename A>
+__device__ __forceinline__ void store_query_tile(const AttentionParams& p, const QueryTileWork& w,
+                                                 int D, const SimtTiles& t, const A* O,
+                                                 const A* row_m, A* row_l) {
+  const SeqInfo& si = w.si;
+  const ScoreParams& sp = p.score;
+  A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, w.b, w.h) + w.i0;
+  for (int r = threadIdx.x; r < w.nq; r += kThreads) {
+    const A mr = row_m[r];
+    const bool sees = mr == neg_inf<A>() && si.mask.row_sees_keys(w.i0 + r, si.k_len);
+    const A z = sp.has_sink_logit ? static_cast<A>(p.sink_logit(w.h)) : A(0);
+    const RowFinish<A> f = finish_softmax_row<A>(mr, row_l[r], sp.has_sink_logit, z, sees);
+    row_l[r] = f.out_scale;
+    lse[r] = f.lse;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + out_offset(p, si, w.b, w.h) + w.i0 * p.heads_q * D;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int r = warp; r < w.nq; r += kWarps) {
+    const A scale = row_l[r];  // 0: not O * 0, which a NaN in O would survive
+    T* o = out + static_cast<int64_t>(r) * p.heads_q * D;
+    for (int d = lane; d < D; d += 32) o[d] = from_acc<T>(scale == A(0) ? A(0) : O[r * t.ld + d] * scale);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionParams p,
                                                                 const SimtTiles t) {
@@ -111,41 +160,10 @@ __global__ void __launch_bounds__(kThreads) simt_forward_kernel(const AttentionP
     online_softmax_tile<A>(p, si.mask, kind != TileKind::kFull, w.p0, s0, w.nq, nk, t, Ss, row_m,
                            row_l, row_alpha, row_rs, slope);
     __syncthreads();
-    // A partial tile pairs masked entries (P = 0) with V rows in its P V product: a non-finite
-    // row is zeroed first, and the rows that see it become NaN instead (simt_common.cuh).
-    if (kind != TileKind::kFull && tile_has_nonfinite(Vs, t.ld, nk, D)) {
-      for (int r = threadIdx.x; r < w.nq; r += kThreads) {
-        if (sees_nonfinite_row(si.mask, w.p0 + r, s0, Vs, t.ld, nk, D)) {
-          for (int d = 0; d < D; ++d) Os[r * t.ld + d] = A(NAN);
-        }
-      }
-      __syncthreads();
-      zero_nonfinite_rows(Vs, t.ld, nk, D);
-      __syncthreads();
-    }
-    cta_gemm<A>(t.bq, t.dp, t.bk, Ss, t.lds, 1, Vs, t.ld, 1, Os, t.ld, true, row_alpha);
-    __syncthreads();
+    accumulate_pv<A>(w, kind, s0, nk, D, t, Ss, Vs, Os, row_alpha);
   });
 
-  // The row rules of common/softmax_row.h (the sink logit joins the denominator and carries no
-  // value; fully masked rows get out 0, lse -inf); row_l becomes the output's scale.
-  A* lse = static_cast<A*>(p.lse) + lse_offset(p, si, w.b, w.h) + w.i0;
-  for (int r = threadIdx.x; r < w.nq; r += kThreads) {
-    const A mr = row_m[r];
-    const bool sees = mr == neg_inf<A>() && si.mask.row_sees_keys(w.i0 + r, si.k_len);
-    const A z = sp.has_sink_logit ? static_cast<A>(p.sink_logit(w.h)) : A(0);
-    const RowFinish<A> f = finish_softmax_row<A>(mr, row_l[r], sp.has_sink_logit, z, sees);
-    row_l[r] = f.out_scale;
-    lse[r] = f.lse;
-  }
-  __syncthreads();
-  T* out = static_cast<T*>(p.out) + out_offset(p, si, w.b, w.h) + w.i0 * p.heads_q * D;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int r = warp; r < w.nq; r += kWarps) {
-    const A scale = row_l[r];  // 0: not Os * 0, which a NaN in Os would survive
-    T* o = out + static_cast<int64_t>(r) * p.heads_q * D;
-    for (int d = lane; d < D; d += 32) o[d] = from_acc<T>(scale == A(0) ? A(0) : Os[r * t.ld + d] * scale);
-  }
+  store_query_tile<T, A>(p, w, D, t, Os, row_m, row_l);
 }
 
 }  // namespace longattn::cuda::simt
