@@ -38,6 +38,25 @@ void check_slot_tensor(const char* op, const at::Tensor& t, const char* name,
               ", the cache on ", k_cache.device());
 }
 
+// What decode checks the same way whatever holds the keys: the per-head lengths and the new
+// queries' positions.
+void check_rows(const char* op, const DecodeShape& s, const at::Tensor& q,
+                const at::Tensor& lengths, const std::optional<at::Tensor>& q_positions) {
+  check_int_tensor(lengths, "lengths", 2);
+  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.Hkv, op, ": lengths must be (", s.B,
+              ", ", s.Hkv, "), got ", lengths.sizes());
+  TORCH_CHECK(lengths.device() == q.device(), op, ": lengths is on ", lengths.device(),
+              ", q on ", q.device());
+  if (q_positions.has_value()) {
+    const auto& p = *q_positions;
+    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 2 && p.size(0) == s.B &&
+                    p.size(1) == s.n,
+                op, ": q_positions must be int64 (", s.B, ", ", s.n, "), got ", p.scalar_type(),
+                " ", p.sizes());
+    TORCH_CHECK(p.device() == q.device(), op, ": q_positions on the wrong device");
+  }
+}
+
 }  // namespace
 
 DecodeShape check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
@@ -61,20 +80,8 @@ DecodeShape check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, op, ": q heads (", s.Hq,
               ") must be a multiple of the cache's kv heads (", s.Hkv, ")");
   s.G = s.Hq / s.Hkv;
-  check_int_tensor(lengths, "lengths", 2);
-  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.Hkv, op, ": lengths must be (", s.B,
-              ", ", s.Hkv, "), got ", lengths.sizes());
-  TORCH_CHECK(lengths.device() == q.device(), op, ": lengths is on ", lengths.device(),
-              ", q on ", q.device());
+  check_rows(op, s, q, lengths, q_positions);
   if (positions.has_value()) check_slot_tensor(op, *positions, "positions", at::kLong, k_cache);
-  if (q_positions.has_value()) {
-    const auto& p = *q_positions;
-    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 2 && p.size(0) == s.B &&
-                    p.size(1) == s.n,
-                op, ": q_positions must be int64 (", s.B, ", ", s.n, "), got ", p.scalar_type(),
-                " ", p.sizes());
-    TORCH_CHECK(p.device() == q.device(), op, ": q_positions on the wrong device");
-  }
   if (scores.has_value()) check_slot_tensor(op, *scores, "scores", at::kFloat, k_cache);
   return s;
 }
@@ -142,20 +149,8 @@ DecodeShape check_paged_decode_args(const at::Tensor& q, const at::Tensor& k_poo
   TORCH_CHECK(s.Hq % s.Hkv == 0, op, ": q heads (", s.Hq,
               ") must be a multiple of the table's kv heads (", s.Hkv, ")");
   s.G = s.Hq / s.Hkv;
-  check_int_tensor(lengths, "lengths", 2);
-  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.Hkv, op, ": lengths must be (", s.B,
-              ", ", s.Hkv, "), got ", lengths.sizes());
-  TORCH_CHECK(lengths.device() == q.device(), op, ": lengths is on ", lengths.device(),
-              ", q on ", q.device());
+  check_rows(op, s, q, lengths, q_positions);
   if (positions.has_value()) check_pool_slot_tensor(op, *positions, "positions", at::kLong, k_pool);
-  if (q_positions.has_value()) {
-    const auto& p = *q_positions;
-    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 2 && p.size(0) == s.B &&
-                    p.size(1) == s.n,
-                op, ": q_positions must be int64 (", s.B, ", ", s.n, "), got ", p.scalar_type(),
-                " ", p.sizes());
-    TORCH_CHECK(p.device() == q.device(), op, ": q_positions on the wrong device");
-  }
   if (scores.has_value()) check_pool_slot_tensor(op, *scores, "scores", at::kFloat, k_pool);
   return s;
 }

@@ -59,3 +59,23 @@ Resource usage:
         ("_Z6kernelv", "sm_80", 255, 144, 0),
         ("_Z5otherv", "sm_80", 40, 0, 1024),
     ]
+
+
+def test_spill_gate_is_a_ratchet():
+    budget = {"sm_80": {"flash_fwd_kernel<a>": {"ldl": 4, "stl": 2}}}
+    same = {"sm_80": {"flash_fwd_kernel<a>": {"ldl": 4, "stl": 2}}}
+    fewer = {"sm_80": {"flash_fwd_kernel<a>": {"ldl": 1, "stl": 0}}}
+    assert cuda_resources.over_budget(same, budget) == []
+    assert cuda_resources.over_budget(fewer, budget) == []
+    more_ldl = {"sm_80": {"flash_fwd_kernel<a>": {"ldl": 5, "stl": 2}}}
+    more_stl = {"sm_80": {"flash_fwd_kernel<a>": {"ldl": 0, "stl": 3}}}
+    for now in (more_ldl, more_stl):
+        (line,) = cuda_resources.over_budget(now, budget)
+        assert "flash_fwd_kernel<a>" in line
+    # a kernel without an entry (a new instantiation, another architecture) may not spill
+    new_kernel = {"sm_80": {"flash_bwd_dkdv_kernel<b>": {"ldl": 1, "stl": 0}}}
+    new_arch = {"sm_90": {"flash_fwd_kernel<a>": {"ldl": 0, "stl": 1}}}
+    assert len(cuda_resources.over_budget(new_kernel, budget)) == 1
+    assert len(cuda_resources.over_budget(new_arch, budget)) == 1
+    assert cuda_resources.over_budget({"sm_80": {"flash_bwd_dq_kernel<c>": {"ldl": 0, "stl": 0}}},
+                                      budget) == []

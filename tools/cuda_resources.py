@@ -15,12 +15,19 @@ disassembles the machine code (`cuobjdump -sass`) and counts, in the kernel's ou
 the backward), its instructions, tensor-core MMAs and local-memory loads/stores (LDL/STL,
 i.e. spill traffic). Spill code outside that loop runs once per CTA; inside it, once per tile.
 Static counts over the loop body, all its branches together.
+
+--gate FILE holds the flash kernels to a ratchet: FILE (tools/flash_loop_spills.json) lists, per
+architecture and flash kernel, the LDL/STL counts in its main loop when it was written; the run
+fails when any flash kernel has more than its entry (a kernel without an entry is allowed none).
+Spills a change removes are kept by rewriting the file (--write-gate FILE); spills it adds fail
+CI until they are justified by a measured speed-up and the file is rewritten in the same commit.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -142,6 +149,10 @@ def main() -> None:
     ap.add_argument("--arch", default="", help="only this architecture, e.g. sm_90")
     ap.add_argument("--loops", action="store_true",
                     help="also count spill loads/stores inside the main loop of each spilling kernel")
+    ap.add_argument("--gate", metavar="FILE",
+                    help="fail when a flash kernel spills more in its main loop than FILE records")
+    ap.add_argument("--write-gate", metavar="FILE",
+                    help="record every flash kernel's main-loop spills in FILE")
     args = ap.parse_args()
     so = args.module or find_module()
     cuobjdump = find_cuobjdump()
@@ -181,6 +192,52 @@ def main() -> None:
             share = 100.0 * (c["ldl"] + c["stl"]) / c["instrs"] if c["instrs"] else 0.0
             print(f"{r['arch']:6} {c['instrs']:6d} {c['mma']:5d} {c['ldl']:4d} {c['stl']:4d} {share:6.1f}  "
                   f"{r['name'][:width]}")
+    if args.gate or args.write_gate:
+        sys.exit(spill_gate(cuobjdump, so, uniq, args.gate, args.write_gate))
+
+
+def over_budget(now: dict, budget: dict) -> list[str]:
+    """Kernels of `now` ({arch: {kernel: {ldl, stl}}}) with more main-loop spills than `budget`
+    records for them; a kernel the budget does not list is allowed none."""
+    worse = []
+    for arch, ks in sorted(now.items()):
+        for name, c in sorted(ks.items()):
+            b = budget.get(arch, {}).get(name, dict(ldl=0, stl=0))
+            if c["ldl"] > b["ldl"] or c["stl"] > b["stl"]:
+                worse.append(f"  {arch} {name}: LDL {c['ldl']} (budget {b['ldl']}), "
+                             f"STL {c['stl']} (budget {b['stl']})")
+    return worse
+
+
+def spill_gate(cuobjdump: str, so: str, kernels: list[dict], gate: str | None,
+               write: str | None) -> int:
+    """The ratchet on main-loop spills of the flash kernels (see --gate); returns the exit code."""
+    flash = [r for r in kernels if r["name"].startswith(("flash_fwd", "flash_bwd"))]
+    if not flash:
+        print("spill gate: no flash kernels in this build")
+        return 1
+    stacked = [r for r in flash if r["stack"]]
+    loops = hot_loops(cuobjdump, so, {(r["arch"], r["mangled"]) for r in stacked}) if stacked else {}
+    now = {}
+    for r in flash:
+        c = loops.get((r["arch"], r["mangled"]), dict(ldl=0, stl=0))
+        now.setdefault(r["arch"], {})[r["name"]] = dict(ldl=c["ldl"], stl=c["stl"])
+    if write:
+        with open(write, "w") as f:
+            json.dump(now, f, indent=1, sort_keys=True)
+            f.write("\n")
+        print(f"spill gate: wrote {sum(map(len, now.values()))} flash kernels to {write}")
+        return 0
+    with open(gate) as f:
+        worse = over_budget(now, json.load(f))
+    print(f"\nspill gate ({os.path.basename(gate)}): {sum(map(len, now.values()))} flash kernels, "
+          f"{len(worse)} over budget")
+    if worse:
+        print("\n".join(worse))
+        print("main-loop spills grew: remove them, or rewrite the budget (--write-gate) with a "
+              "measured reason")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 #                  venv's transformers and in kvpress's own pinned venv
 #   cuda-build     every .cu compiled (sm_80 by default, CUDA_ARCHS) against the CUDA torch, into
 #                  .venv-cuda, then imported (no GPU needed to load it)
-#   cuda-resources registers, stack frames and smem of every kernel of that build (cuobjdump)
+#   cuda-resources registers, stack frames and smem of every kernel of that build (cuobjdump), and
+#                  the ratchet on the flash kernels' main-loop spills (tools/flash_loop_spills.json)
 #   cutlass-carry  the CUTLASS/CuTe headers the CUDA build reaches, into .cutlass/ (for a GPU
 #                  machine without nvidia-cutlass or network)
 #   sdist          `python -m build --sdist`, then that archive built and installed into a fresh
@@ -107,9 +108,11 @@ print('cuda build_info:', i); assert i['cuda'], 'built without CUDA'")
 }
 
 step_cuda-resources() {
-  # A report, not a gate: spills are weighed against measured speed.
+  # The report, and the ratchet on the flash kernels' main-loop spills (tools/flash_loop_spills.json):
+  # a change may remove spills from those loops, never add them unnoticed.
   # shellcheck disable=SC2086
-  (cd /tmp && "$ROOT/.venv-cuda/bin/python" "$ROOT/tools/cuda_resources.py" ${RESOURCES_ARGS:---loops})
+  (cd /tmp && "$ROOT/.venv-cuda/bin/python" "$ROOT/tools/cuda_resources.py" \
+    ${RESOURCES_ARGS:---loops --gate "$ROOT/tools/flash_loop_spills.json"})
 }
 
 step_sdist() {

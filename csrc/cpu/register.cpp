@@ -5,6 +5,7 @@
 
 #include "attention_args.h"
 #include "cpu/attention_kernels.h"
+#include "cpu/backward_buffers.h"
 #include "cpu/merge.h"
 
 namespace longattn::cpu {
@@ -24,31 +25,13 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const AttentionArgs& args) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const AttentionArgs& args, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
     const at::Tensor& out, const at::Tensor& lse) {
-  const at::Tensor &q = args.q, &k = args.k;
+  const at::Tensor& q = args.q;
   AttentionParams p = make_attention_params(args);
   const BackwardTensors t = prepare_backward(args, &p, dout, out, lse, dlse);
 
-  BackwardBuffers g;
-  g.dq_chunks = backward_dq_chunks(p);
-  const bool fp_acc = q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble;
-  const bool dq_direct = g.dq_chunks == 1 && fp_acc;  // accumulate straight into dq
-  if (dq_direct) t.dq.zero_();
-  at::Tensor delta = at::empty(t.lse.sizes(), t.lse.options());
-  g.dout = t.dout.data_ptr();
-  g.dlse = t.dlse_ptr();
-  g.delta = delta.data_ptr();
-  g.dq = t.dq.data_ptr();
-  g.dk = t.dk.data_ptr();
-  g.dv = t.dv.data_ptr();
-  g.dsink = t.dsink_ptr(args);
-  g.total_k = args.cu_seqlens_k.has_value() ? k.size(0) : k.size(0) * k.size(1);
-  at::Tensor dq_accum;
-  if (!dq_direct) {
-    dq_accum = at::zeros({g.dq_chunks, q.numel()}, q.options().dtype(lse_dtype(q)));
-    g.dq_accum = dq_accum.data_ptr();
-  }
+  const BackwardScratch s = make_backward_buffers(args, p, t);
   LONGATTN_DISPATCH(q.scalar_type(), "longattn::attention_backward",
-                    [&] { attention_backward<scalar_t>(p, g); });
+                    [&] { attention_backward<scalar_t>(p, s.g); });
   return {t.dq, t.dk, t.dv, t.dsink};
 }
 
