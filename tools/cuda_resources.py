@@ -223,9 +223,11 @@ def spill_gate(cuobjdump: str, so: str, kernels: list[dict], gate: str | None,
         c = loops.get((r["arch"], r["mangled"]), dict(ldl=0, stl=0))
         now.setdefault(r["arch"], {})[r["name"]] = dict(ldl=c["ldl"], stl=c["stl"])
     if write:
-        with open(write, "w") as f:
-            json.dump(now, f, indent=1, sort_keys=True)
-            f.write("\n")
+        with open(write, "w") as f:  # one kernel per line, so a diff shows what moved
+            f.write("{\n" + ",\n".join(
+                f"  {json.dumps(arch)}: {{\n" + ",\n".join(
+                    f"    {json.dumps(name)}: {json.dumps(c)}" for name, c in sorted(ks.items()))
+                + "\n  }" for arch, ks in sorted(now.items())) + "\n}\n")
         print(f"spill gate: wrote {sum(map(len, now.values()))} flash kernels to {write}")
         return 0
     with open(gate) as f:
