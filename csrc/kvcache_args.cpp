@@ -174,6 +174,29 @@ kv::SlotMap paged_slot_map(const at::Tensor& block_table, const PagedShape& s) {
   return m;
 }
 
+namespace {
+
+// lengths (B, H), keep (B, H, n) and keep_lengths (B, H): int32 on the cache's device.
+void check_keep_tensors(const char* op, const CompactShape& s, const at::Tensor& lengths,
+                        const at::Tensor& keep, const at::Tensor& keep_lengths,
+                        const at::Tensor& cache, const char* cache_name) {
+  check_int_tensor(lengths, "lengths", 2);
+  check_int_tensor(keep, "keep", 3);
+  check_int_tensor(keep_lengths, "keep_lengths", 2);
+  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.H, op, ": lengths must be (", s.B,
+              ", ", s.H, "), got ", lengths.sizes());
+  TORCH_CHECK(keep.size(0) == s.B && keep.size(1) == s.H, op, ": keep must be (", s.B, ", ", s.H,
+              ", n), got ", keep.sizes());
+  TORCH_CHECK(keep_lengths.size(0) == s.B && keep_lengths.size(1) == s.H, op,
+              ": keep_lengths must be (", s.B, ", ", s.H, "), got ", keep_lengths.sizes());
+  for (const auto* t : {&lengths, &keep, &keep_lengths}) {
+    TORCH_CHECK(t->device() == cache.device(), op,
+                ": index tensors must be on ", cache_name, " device");
+  }
+}
+
+}  // namespace
+
 CompactShape check_compact_paged_args(const at::Tensor& k_pool, const at::Tensor& v_pool,
                                       const std::optional<at::Tensor>& positions,
                                       const std::optional<at::Tensor>& scores,
@@ -186,21 +209,13 @@ CompactShape check_compact_paged_args(const at::Tensor& k_pool, const at::Tensor
   *paged = check_pools(op, k_pool, v_pool, block_table);
   TORCH_CHECK(paged->Hp == 1, op, ": compaction needs blocks of one head each (pools of "
               "(num_blocks, block_size, 1, head_dim)), got ", paged->Hp, " heads per block");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(block_table.size(d) <= 1 || block_table.stride(d) != 0, op,
+                ": block_table is rewritten per (b, h): no broadcast (stride 0) dims");
+  }
   CompactShape s{block_table.size(0), block_table.size(1),
                  paged->max_blocks * paged->block_size, 0};
-  check_int_tensor(lengths, "lengths", 2);
-  check_int_tensor(keep, "keep", 3);
-  check_int_tensor(keep_lengths, "keep_lengths", 2);
-  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.H, op, ": lengths must be (", s.B,
-              ", ", s.H, "), got ", lengths.sizes());
-  TORCH_CHECK(keep.size(0) == s.B && keep.size(1) == s.H, op, ": keep must be (", s.B, ", ", s.H,
-              ", n), got ", keep.sizes());
-  TORCH_CHECK(keep_lengths.size(0) == s.B && keep_lengths.size(1) == s.H, op,
-              ": keep_lengths must be (", s.B, ", ", s.H, "), got ", keep_lengths.sizes());
-  for (const auto* t : {&lengths, &keep, &keep_lengths}) {
-    TORCH_CHECK(t->device() == k_pool.device(), op,
-                ": index tensors must be on the pools' device");
-  }
+  check_keep_tensors(op, s, lengths, keep, keep_lengths, k_pool, "the pools'");
   if (positions.has_value()) check_pool_slot_tensor(op, *positions, "positions", at::kLong, k_pool);
   if (scores.has_value()) check_pool_slot_tensor(op, *scores, "scores", at::kFloat, k_pool);
   s.K = keep.size(2);
@@ -220,19 +235,7 @@ CompactShape check_compact_args(const char* op, const at::Tensor& k_cache,
                                 const at::Tensor& keep, const at::Tensor& keep_lengths) {
   check_cache_pair(k_cache, v_cache, op);
   CompactShape s{k_cache.size(0), k_cache.size(1), k_cache.size(2), 0};
-  check_int_tensor(lengths, "lengths", 2);
-  check_int_tensor(keep, "keep", 3);
-  check_int_tensor(keep_lengths, "keep_lengths", 2);
-  TORCH_CHECK(lengths.size(0) == s.B && lengths.size(1) == s.H, op, ": lengths must be (", s.B,
-              ", ", s.H, "), got ", lengths.sizes());
-  TORCH_CHECK(keep.size(0) == s.B && keep.size(1) == s.H, op, ": keep must be (", s.B, ", ", s.H,
-              ", n), got ", keep.sizes());
-  TORCH_CHECK(keep_lengths.size(0) == s.B && keep_lengths.size(1) == s.H, op,
-              ": keep_lengths must be (", s.B, ", ", s.H, "), got ", keep_lengths.sizes());
-  for (const auto* t : {&lengths, &keep, &keep_lengths}) {
-    TORCH_CHECK(t->device() == k_cache.device(), op,
-                ": index tensors must be on the cache's device");
-  }
+  check_keep_tensors(op, s, lengths, keep, keep_lengths, k_cache, "the cache's");
   if (positions.has_value()) check_slot_tensor(op, *positions, "positions", at::kLong, k_cache);
   if (scores.has_value()) check_slot_tensor(op, *scores, "scores", at::kFloat, k_cache);
   s.K = keep.size(2);

@@ -270,10 +270,6 @@ void compact_paged_cpu(const at::Tensor& k_pool, const at::Tensor& v_pool,
   const CompactShape sh =
       check_compact_paged_args(k_pool, v_pool, positions, scores, block_table, lengths, keep,
                                keep_lengths, new_positions, inv_freq, rotary_dim, &ps);
-  for (int d = 0; d < 3; ++d) {
-    TORCH_CHECK(block_table.size(d) <= 1 || block_table.stride(d) != 0, op,
-                ": block_table is rewritten per (b, h): no broadcast (stride 0) dims");
-  }
   CacheRows rows = cache_rows(k_pool, v_pool, positions, scores, true);
   rows.slots = paged_slot_map(block_table, ps);
   rows.table = block_table.data_ptr<int32_t>();
