@@ -19,6 +19,7 @@
 
 using namespace cute;
 using namespace longattn;
+using namespace longattn::cuda;
 using namespace longattn::cuda::flash;
 
 static int failures = 0;
