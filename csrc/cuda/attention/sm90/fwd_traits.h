@@ -4,9 +4,11 @@
 // wgmma reads Q, K and V in place; V is also viewed transposed (head dim contiguous, an
 // MN-major B operand) for O += P V.
 #pragma once
+// cute/tensor.hpp first: the SM90 atom headers assume the core it declares.
+#include <cute/tensor.hpp>
+
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
-#include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
