@@ -6,13 +6,24 @@
 //    partition value by value;
 //  - the transposed V view addresses V, the TMA box sizes, the shared memory and the register
 //    split fit an SM;
+//  - the TMA descriptors (their encoding captured by a stand-in for the driver call) and the
+//    producer's tiles: every coordinate of a Q tile and of a K/V tile at any key index lands on
+//    the address of that element of q/k/v, rows past the sequence fall outside the descriptor
+//    (zero-filled), 128-byte swizzle, and the boxes carry the bytes the barriers expect;
 //  - the key-tile schedule at the kernel's tile shape (key_tile_schedule_check.h);
 //  - sm90_unsupported's answers.
 // Build and run: tests/test_sm90_host_check.py.
+// make_tma_copy calls cuTensorMapEncodeTiled directly, so the definition below stands in for the
+// driver (there is none on the build machines) and records what the host would encode.
+#define CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL 1
+#include <cuda.h>
+
 #include <cstdio>
 #include <vector>
 
 #include "common/attention_params.h"
+#include "cuda/attention/sm90/fwd_producer.h"
+#include "cuda/attention/sm90/fwd_tma.h"
 #include "cuda/attention/sm90/fwd_traits.h"
 #include "cuda/attention/sm90/support.h"
 #include "cuda/attention/sm90/wgmma_utils.h"
@@ -24,6 +35,33 @@ using namespace longattn;
 using namespace longattn::cuda;
 using namespace longattn::cuda::sm90;
 using longattn::host_check::check_schedule;
+
+struct Encoded {
+  unsigned rank;
+  uint64_t addr;
+  uint64_t dim[5], stride[5];  // stride[0]: the element size, as TMA steps the innermost dim
+  uint32_t box[5];
+  int swizzle;
+};
+static std::vector<Encoded> encoded;
+
+CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap*, CUtensorMapDataType, cuuint32_t rank, void* addr,
+                                        const cuuint64_t* dim, const cuuint64_t* strides, const cuuint32_t* box,
+                                        const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle swizzle,
+                                        CUtensorMapL2promotion, CUtensorMapFloatOOBfill) {
+  Encoded e{};
+  e.rank = rank;
+  e.addr = reinterpret_cast<uint64_t>(addr);
+  e.stride[0] = 2;  // 16-bit elements
+  for (unsigned i = 0; i < rank && i < 5; ++i) {
+    e.dim[i] = dim[i];
+    e.box[i] = box[i];
+    if (i > 0) e.stride[i] = strides[i - 1];
+  }
+  e.swizzle = static_cast<int>(swizzle);
+  encoded.push_back(e);
+  return CUDA_SUCCESS;
+}
 
 constexpr int kMaxSmemPerBlock = 227 * 1024;  // sm_90's opt-in limit per block
 constexpr int kRegistersPerSm = 64 * 1024;
@@ -92,6 +130,84 @@ void check_layouts(const char* name) {
   std::printf("%s: layouts ok (smem %d bytes)\n", name, Tr::kSmemBytes);
 }
 
+// Tile coordinates (TMA order) against the tensor: coordinate (r, c) of a tile whose row 0 is row
+// `row0` of head `head`, sequence `b` must address element (row0 + r, c, head, b), and lie inside
+// the descriptor exactly when that row is inside the sequence.
+template <class Tile>
+void check_tile(const char* name, const char* what, const Tile& g, const Encoded& e, int64_t row0, int64_t rows,
+                int64_t head, int64_t b, int64_t row_stride, int64_t head_stride, int64_t batch_stride) {
+  using namespace cute;
+  for (int r = 0; r < size<0>(g); ++r) {
+    for (int c = 0; c < size<1>(g); c += 7) {
+      const auto x = g(r, c);
+      const int64_t coord[4] = {get<0>(x), get<1>(x), get<2>(x), get<3>(x)};
+      uint64_t addr = e.addr;
+      bool inside = true;
+      for (int i = 0; i < 4; ++i) {
+        addr += coord[i] * e.stride[i];
+        inside = inside && coord[i] >= 0 && coord[i] < static_cast<int64_t>(e.dim[i]);
+      }
+      const int64_t row = row0 + r;
+      const uint64_t want = e.addr + 2 * (row * row_stride + c + head * head_stride + b * batch_stride);
+      CHECK(inside == (row < rows), "%s %s (%d,%d): inside the descriptor %d, row %lld of %lld", name, what, r, c,
+            inside, (long long)row, (long long)rows);
+      if (row < rows) CHECK(addr == want, "%s %s (%d,%d): address off by %lld", name, what, r, c, (long long)(addr - want));
+    }
+  }
+}
+
+template <class Tr>
+void check_tma(const char* name) {
+  constexpr int D = Tr::kHeadDim;
+  // q (B, L, H, D); k the same with GQA; v head-major (B, H, L, D) views; batch 1 with a zero
+  // batch stride in the second round (an extent-1 dimension's stride is free).
+  for (int round = 0; round < 2; ++round) {
+    AttentionParams p;
+    p.batch = round == 0 ? 3 : 1;
+    p.heads_q = 8;
+    p.heads_kv = 2;
+    p.head_dim = D;
+    p.seqlen_q = 300;
+    p.seqlen_k = 517;
+    p.q_row_stride = 8 * D, p.q_head_stride = D, p.q_batch_stride = round == 0 ? 300 * 8 * D : 0;
+    p.k_row_stride = 2 * D, p.k_head_stride = D, p.k_batch_stride = round == 0 ? 517 * 2 * D : 0;
+    p.v_row_stride = D, p.v_head_stride = 517 * D, p.v_batch_stride = round == 0 ? 2 * 517 * D : 0;
+    p.q = reinterpret_cast<void*>(uintptr_t(1) << 32);
+    p.k = reinterpret_cast<void*>(uintptr_t(2) << 32);
+    p.v = reinterpret_cast<void*>(uintptr_t(3) << 32);
+    encoded.clear();
+    const FwdArgs<Tr> args = make_fwd_args<Tr>(p);
+    CHECK(encoded.size() == 3, "%s: %zu descriptors encoded", name, encoded.size());
+    if (encoded.size() != 3) return;
+    const uint32_t rows_box[3] = {Tr::kBlockM, Tr::kBlockN, Tr::kBlockN};
+    const uint32_t bytes[3] = {Tr::kTmaBytesQ, Tr::kTmaBytesKV, Tr::kTmaBytesKV};
+    for (int i = 0; i < 3; ++i) {
+      const Encoded& e = encoded[i];
+      CHECK(e.rank == 4, "%s: descriptor rank %u", name, e.rank);
+      CHECK(e.swizzle == CU_TENSOR_MAP_SWIZZLE_128B, "%s: swizzle %d", name, e.swizzle);
+      CHECK(e.box[0] * 2 == 128 && e.box[1] == rows_box[i] && e.box[2] == 1 && e.box[3] == 1, "%s: box", name);
+      // copy() issues one box per 64 head-dim columns; together they fill the barrier's bytes.
+      CHECK(e.box[0] * e.box[1] * 2 * (D / e.box[0]) == bytes[i], "%s: box bytes", name);
+      for (unsigned k = 1; k < e.rank; ++k) CHECK(e.stride[k] % 16 == 0 && e.stride[k] > 0, "%s: stride", name);
+    }
+    for (int m_block = 0; m_block < 3; ++m_block) {
+      for (int64_t h : {int64_t(0), int64_t(5), int64_t(7)}) {
+        const int64_t b = p.batch - 1;
+        const QueryTile<Tr> w(p, m_block, h, b);
+        check_tile(name, "Q", q_tile(args, w), encoded[0], w.i0, p.seqlen_q, h, b, p.q_row_stride,
+                   p.q_head_stride, p.q_batch_stride);
+        for (int j0 : {0, 37, 128, 450}) {
+          check_tile(name, "K", kv_tile(args.tma_k, p, w, j0), encoded[1], j0, p.seqlen_k, w.hk, b,
+                     p.k_row_stride, p.k_head_stride, p.k_batch_stride);
+          check_tile(name, "V", kv_tile(args.tma_v, p, w, j0), encoded[2], j0, p.seqlen_k, w.hk, b,
+                     p.v_row_stride, p.v_head_stride, p.v_batch_stride);
+        }
+      }
+    }
+  }
+  std::printf("%s: TMA tiles ok\n", name);
+}
+
 void check_support() {
   AttentionParams p;
   p.batch = 2;
@@ -126,6 +242,8 @@ int main() {
   check_layouts<FwdTraits<bfloat16_t, 128>>("bf16 hd128");
   check_layouts<FwdTraits<half_t, 64>>("fp16 hd64");
   check_layouts<FwdTraits<bfloat16_t, 64>>("bf16 hd64");
+  check_tma<FwdTraits<half_t, 128>>("fp16 hd128");
+  check_tma<FwdTraits<bfloat16_t, 64>>("bf16 hd64");
   check_schedule<FwdTraits<half_t, 128>::kBlockM, FwdTraits<half_t, 128>::kBlockN>(400);
   check_support();
   if (failures) {

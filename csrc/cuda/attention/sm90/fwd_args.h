@@ -28,7 +28,7 @@ struct QueryTile {
   int nq;
   KeyTiles<Tr::kBlockN> tiles;
 
-  __device__ __forceinline__ QueryTile(const AttentionParams& p, int m_block_, int64_t h_, int64_t b_)
+  __host__ __device__ __forceinline__ QueryTile(const AttentionParams& p, int m_block_, int64_t h_, int64_t b_)
       : si(seq_info(p, b_)),
         m_block(m_block_),
         h(h_),
