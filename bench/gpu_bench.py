@@ -19,6 +19,9 @@ Implementations:
   flash, simt  the same with LONGATTN_CUDA_BACKEND=flash (tensor cores) / simt (CUDA cores);
                L <= 16K and causal / window 512 only: they show that auto picks the fast path
                and what the tensor-core path buys
+  sm90         the same cases with LONGATTN_CUDA_BACKEND=sm90: the Hopper forward (wgmma + TMA;
+               the backward of fwd+bwd runs as under auto), on a compute capability 9.0 GPU with a
+               build that has the sm90 kernels (skipped otherwise, the reason is printed)
   sdpa         F.scaled_dot_product_attention: causal with the flash backend forced; the masks
                with a dense L x L mask (default backend), skipped when the mask would exceed
                --mask-budget-gib (the reason is printed)
@@ -64,8 +67,8 @@ import runinfo  # noqa: E402
 import timing  # noqa: E402
 
 BACKEND_ENV = "LONGATTN_CUDA_BACKEND"
-IMPLS = ("longattn", "flash", "simt", "sdpa", "sdpa_cudnn", "flex", "flash_attn")
-BACKENDS = ("flash", "simt")  # longattn itself with a forced backend, not an alternative to it
+IMPLS = ("longattn", "flash", "simt", "sm90", "sdpa", "sdpa_cudnn", "flex", "flash_attn")
+BACKENDS = ("flash", "simt", "sm90")  # longattn itself with a forced backend, not an alternative to it
 FAMILIES = ("causal", "window_short", "window_long", "lambda", "dilated")
 
 
@@ -151,10 +154,23 @@ def _plain_causal(case) -> bool:
     return case.family == "causal" and case.window is None and not case.sinks
 
 
+def _sm90_skip(case, device):
+    """Raise C.Skip where LONGATTN_CUDA_BACKEND=sm90 cannot run the case."""
+    import longattn
+    if not device.startswith("cuda"):
+        raise C.Skip("the sm90 forward needs CUDA")
+    if not longattn.build_info().get("cuda_sm90"):
+        raise C.Skip("this build has no sm90 kernels (no 9.x arch in LONGATTN_CUDA_ARCHS)")
+    if torch.cuda.get_device_capability(torch.device(device)) != (9, 0):
+        raise C.Skip("the sm90 forward runs on compute capability 9.0 only")
+
+
 def build_impl(impl: str, case, device, dtype, args) -> Impl:
     """An Impl for (impl, case), or raise C.Skip with the reason."""
     opts = dict(device=device, dtype=dtype)
-    if impl in ("longattn", "flash", "simt"):
+    if impl == "sm90":
+        _sm90_skip(case, device)
+    if impl in ("longattn", "flash", "simt", "sm90"):
         r = C.build_longattn(case, **opts)
         r.impl = impl
         return Impl(r, env={BACKEND_ENV: "auto" if impl == "longattn" else impl})
@@ -222,7 +238,7 @@ class Job:
 
 
 def compares_backends(case, max_L) -> bool:
-    """The cases the flash and simt backends are both timed on: causal and short windows."""
+    """The cases the forced backends (flash, simt, sm90) are timed on: causal and short windows."""
     short = case.window is None or (case.window[0] is not None and case.window[0] + 1 <= FULL.window_short)
     return case.L <= max_L and case.family in ("causal", "window") and short
 

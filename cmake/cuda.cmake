@@ -15,7 +15,10 @@
 # used as CMAKE_CUDA_COMPILER; CUDAToolkit_ROOT / CUDA_TOOLKIT_ROOT_DIR point at it
 # for CMake's FindCUDAToolkit and torch's (legacy) FindCUDA.
 #
-# Sets LONGATTN_WITH_CUDA (ON/OFF) and LONGATTN_CUDA_ARCHS_NORM (normalized list).
+# Sets LONGATTN_WITH_CUDA (ON/OFF), LONGATTN_CUDA_ARCHS_NORM (normalized list) and
+# LONGATTN_WITH_SM90 (ON when CUDA is on and the list names a 9.x architecture: the wgmma/TMA
+# kernels of csrc/cuda/attention/sm90/ are then built, for sm_90a only, since those
+# instructions exist only on the arch-specific target).
 
 set(LONGATTN_CUDA "auto" CACHE STRING "Build CUDA sources: auto|0|1")
 set(LONGATTN_CUDA_ARCHS "80;90" CACHE STRING "CUDA architectures, e.g. 80;90 or 80;90a")
@@ -208,6 +211,15 @@ if(_cuda_wanted)
     set(LONGATTN_WITH_CUDA ON)
     message(STATUS "longattn: CUDA ${CMAKE_CUDA_COMPILER_VERSION} at ${CUDA_TOOLKIT_ROOT_DIR}, archs ${LONGATTN_CUDA_ARCHS_NORM}")
   endif()
+endif()
+
+set(LONGATTN_WITH_SM90 OFF)
+if(LONGATTN_WITH_CUDA)
+  foreach(_a IN LISTS LONGATTN_CUDA_ARCHS_NORM)
+    if(_a MATCHES "^9[0-9]")
+      set(LONGATTN_WITH_SM90 ON)
+    endif()
+  endforeach()
 endif()
 
 # torch's CMake reads TORCH_CUDA_ARCH_LIST; without it, it tries to query a GPU.

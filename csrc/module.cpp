@@ -75,6 +75,12 @@ py::dict build_info() {
   d["version"] = LONGATTN_VERSION;
   d["cuda"] = static_cast<bool>(LONGATTN_WITH_CUDA);
   d["cuda_archs"] = split_archs(LONGATTN_CUDA_ARCHS);
+  // The Hopper forward (sm_90a) was compiled: LONGATTN_CUDA_BACKEND=sm90 can run on a 9.0 GPU.
+#if defined(LONGATTN_WITH_SM90) && LONGATTN_WITH_SM90
+  d["cuda_sm90"] = true;
+#else
+  d["cuda_sm90"] = false;
+#endif
 #if LONGATTN_WITH_CUDA && defined(LONGATTN_CUDA_VERSION)
   d["cuda_version"] = LONGATTN_CUDA_VERSION;  // nvcc that compiled the kernels
 #else
@@ -117,7 +123,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "longattn native extension (ops are under torch.ops.longattn)";
   m.attr("__version__") = LONGATTN_VERSION;
   m.def("build_info", &build_info,
-        "Dict describing how this extension was built: version, cuda, cuda_archs, "
+        "Dict describing how this extension was built: version, cuda, cuda_archs, cuda_sm90, "
         "cuda_version, cpu_isa, cpu_gemm, torch_version, torch_version_full, openmp.");
   m.def(
       "_set_cpu_tuning",

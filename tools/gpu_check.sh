@@ -148,7 +148,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
   if ! skipped bench; then
     local budget args
     budget=$(max 30 $(($(left) - 90)))
-    if [ $DRY = 0 ]; then args=(); else args=(--smoke --impls longattn,flash,simt,sdpa,sdpa_cudnn,flash_attn); fi
+    if [ $DRY = 0 ]; then args=(); else args=(--smoke --impls longattn,flash,simt,sm90,sdpa,sdpa_cudnn,flash_attn); fi
     banner "benchmark: bench/gpu_bench.py --budget-s $budget ${args[*]} ${BENCH_ARGS:-}"
     capped $((budget + 60)) "$PY" bench/gpu_bench.py -v --budget-s "$budget" --out "$OUTDIR" "${args[@]}" ${BENCH_ARGS:-}
     local rc=$?

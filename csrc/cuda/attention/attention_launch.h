@@ -3,9 +3,12 @@
 // translation unit includes ATen. attention_register.cpp checks the tensors, allocates the
 // outputs and the zeroed workspace, and picks a backend:
 //   flash: tensor-core kernels (mma.sync, SM80+), fp16/bf16, head dims in kFlashHeadDims;
-//   simt:  CUDA-core kernels for every dtype (fp32/fp64 too) and every head dim <= 256.
-// Both follow docs/semantics.md exactly as the CPU kernels do: the mask, tile ranges and
-// tile classification come from common/mask.h, logits from common/scores.h.
+//   simt:  CUDA-core kernels for every dtype (fp32/fp64 too) and every head dim <= 256;
+//   sm90:  the Hopper forward (wgmma + TMA, sm_90a only, sm90/), built when the CUDA
+//          architectures name a 9.x arch (LONGATTN_WITH_SM90); what it covers: sm90/support.h.
+// All follow docs/semantics.md as the CPU kernels do (sm90 with the exceptions docs/cuda.md
+// lists): the mask, tile ranges and tile classification come from common/mask.h, logits from
+// common/scores.h.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -54,6 +57,8 @@ struct AttentionGrads {
 // cu_seqlens in p are device pointers.
 cudaError_t flash_forward(const AttentionParams& p, KernelDtype dtype, cudaStream_t stream);
 cudaError_t simt_forward(const AttentionParams& p, KernelDtype dtype, cudaStream_t stream);
+// Defined only in builds with LONGATTN_WITH_SM90; needs a compute capability 9.0 device.
+cudaError_t sm90_forward(const AttentionParams& p, KernelDtype dtype, cudaStream_t stream);
 
 // Backward: p.out and p.lse point at the forward's results. Zeroed scratch needed, in bytes.
 size_t flash_backward_workspace(const AttentionParams& p, KernelDtype dtype, bool deterministic);
