@@ -16,6 +16,9 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc)
     __attribute__((weak));
+// MKL's per-thread cap on its own threads; returns the previous setting (0: the global one).
+// The C entry point: the lower-case name is the Fortran one, taking a pointer.
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace longattn::cpu {
@@ -35,11 +38,17 @@ void blas(bool trans_a, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda
   const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
   const char tb = 'N', ta = trans_a ? 'T' : 'N';
   const T one = 1;
+  // A tile GEMM runs on the calling thread (the kernels parallelize over tiles). MKL plans its
+  // blocking for the threads it may use, and those differ between torch's thread counts, so
+  // without the cap the same tile could be summed in another order (other bits) with
+  // another torch.set_num_threads.
+  const int mkl_threads = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
   if constexpr (sizeof(T) == 4) {
     sgemm_(&tb, &ta, &M, &N, &K, &one, B, &LDA, A, &LDB, &beta, C, &LDC);
   } else {
     dgemm_(&tb, &ta, &M, &N, &K, &one, B, &LDA, A, &LDB, &beta, C, &LDC);
   }
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
 }
 
 // Portable fallback: i-p-j loops the compiler vectorizes along j.
