@@ -155,8 +155,10 @@ step_gpu-rehearsal() {
   LONGATTN_CUDA=1 LONGATTN_CUDA_ARCHS=90 GPU_CHECK_BUDGET_S=1800 \
     PYTHON="$ROOT/.venv-gpu-rehearsal/bin/python" OUT="$ROOT/build/gpu-rehearsal-out" \
     bash tools/gpu_check.sh --dry-run
-  PYTHONPATH="$ROOT/python" .venv-gpu-rehearsal/bin/python "${PYTEST[@]}" -n "$MAX_JOBS" \
-    "${PYTEST_EXTRA[@]}" tests
+  # The GPU machine has no transformers, and neither has this venv: its tests skip here as they
+  # would there, whatever CI requires of the main venv.
+  env -u LONGATTN_REQUIRE_TRANSFORMERS PYTHONPATH="$ROOT/python" .venv-gpu-rehearsal/bin/python \
+    "${PYTEST[@]}" -n "$MAX_JOBS" "${PYTEST_EXTRA[@]}" tests
 }
 
 [ $# -gt 0 ] || set -- emu kvpress sdist cuda-build cuda-resources gpu-rehearsal
